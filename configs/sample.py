@@ -1,0 +1,26 @@
+"""Class-conditional sampling from a DiT export -> samples.npz (ADM format), a PNG grid, metrics.json.
+
+  python main.py --config=configs/sample.py --config.num_samples=1000 --workdir=/tmp/sample
+"""
+from diffq import configlib
+
+
+def get_config(arg=None):
+  arg = configlib.parse_arg(arg, quick=False)
+  c = configlib.ml_collections.ConfigDict()
+  c.job = "sample"
+  c.seed = 0
+  c.params = "diffq/assets/dit_fm_ema.npz"  # a diffq numpy export with a dit_params manifest
+  c.num_samples = 1000                     # class-balanced: labels = arange(N) % num_classes
+  c.batch_size = 250
+  c.diffusion_steps = 1000
+  c.spacing = "ddim20"                     # respacing: "ddimN", "N" or "a,b,c" section counts
+  c.method = "ddim"                        # ddim | ddpm
+  c.eta = 0.0
+  c.cfg_scale = 1.5
+  c.num_devices = 0
+  c.distributed = False
+  c.grid_per_class = 10
+  if arg.quick:
+    c.num_samples, c.batch_size = 100, 100
+  return c

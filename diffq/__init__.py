@@ -1,0 +1,1 @@
+"""diffq: compressed and accelerated Diffusion Transformers in JAX/Flax."""

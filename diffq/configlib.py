@@ -1,0 +1,36 @@
+"""Helpers for config files: big_vision-style `file.py:key=val,flag` arguments and model sub-configs."""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from diffq.models import dit
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,b=x,flag' -> ConfigDict(a=1, b='x', flag=True), typed by `defaults`; unknown keys are errors."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+    if not _:
+      value = True
+    elif isinstance(defaults[key], bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {key} expects a bool, got {value!r}.")
+      value = value.lower() in ("true", "1")
+    else:
+      value = type(defaults[key])(value)
+    out[key] = value
+  return out
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """Every DiTConfig field of a preset, so any of them can be overridden with --config.model.X=..."""
+  return ml_collections.ConfigDict(dataclasses.asdict(dit.preset(preset, **overrides)))
+
+
+def dit_config(model_cfg) -> dit.DiTConfig:
+  return dit.DiTConfig(**dict(model_cfg))

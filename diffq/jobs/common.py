@@ -1,0 +1,66 @@
+"""What every job shares: clu metric writers, progress with ETA, atomic metrics.json."""
+from __future__ import annotations
+
+import json
+import logging as py_logging
+import os
+import time
+
+import jax
+from absl import logging
+
+from diffq.io.npz import _atomic_write
+
+
+class _DropLibraryInfo(py_logging.Filter):
+  """Keeps warnings and errors from orbax/tensorstore but drops their per-save info chatter."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+def metric_writer(workdir: str):
+  """clu writer: TensorBoard events + log lines on process 0, logging only elsewhere (imports TF lazily)."""
+  from clu import metric_writers
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+class Progress:
+  """Logs `step/total`, rate and ETA every `every_seconds`; also clu's ReportProgress (steps/sec scalar)."""
+
+  def __init__(self, total: int, start: int = 0, writer=None, every_seconds: float = 30.0, unit: str = "steps"):
+    from clu import periodic_actions
+    self.total, self.start, self.unit, self.every = total, start, unit, every_seconds
+    self.t0 = self.last = time.time()
+    self.report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_secs=every_seconds)
+
+  def __call__(self, step: int) -> None:
+    self.report(step)
+    now = time.time()
+    if now - self.last >= self.every or step == self.total:
+      self.last = now
+      rate = (step - self.start) / max(now - self.t0, 1e-9)
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      logging.info("%d/%d %s (%.1f%%), %.2f %s/s, elapsed %s, ETA %s", step, self.total, self.unit,
+                   100.0 * step / self.total, rate, self.unit, _hms(now - self.t0), _hms(eta))
+
+
+def _hms(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def write_metrics(workdir: str, metrics: dict) -> None:
+  """workdir/metrics.json with flat keys, written atomically (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  flat = {k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()}
+  _atomic_write(os.path.join(workdir, "metrics.json"),
+                lambda tmp: open(tmp, "w").write(json.dumps(flat, indent=1, sort_keys=True)))

@@ -1,0 +1,249 @@
+"""Diffusion Transformer (Peebles & Xie 2023), Flax Linen, NHWC.
+
+Architecturally identical to facebookresearch/DiT `models.py`: stride-p patch
+embedding, fixed 2-D sin-cos positions, sinusoidal timestep embedder + MLP,
+label embedder with a null class (index `num_classes`) and label dropout,
+adaLN-Zero blocks (6 modulation vectors), fused-qkv attention, 4x GELU(tanh)
+MLP, adaLN final layer, learned sigma (2C outputs).
+
+Every matmul (including the patch embedding, written as the equivalent matmul
+over flattened (p, q, c) patches) is a `layers.Linear`, whose behaviour comes
+from the static policy table resolved against the layer path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffq.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Static architecture description (hashable)."""
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  learn_sigma: bool = True
+  # Timestep-embedding frequency shift: 0 = original DiT, 1 = diffusers' Timesteps(downscale_freq_shift=1).
+  freq_shift: int = 0
+  # Eps of the pre-MLP LayerNorm: 1e-6 in original DiT, 1e-5 (norm_eps) in diffusers.
+  mlp_norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    if self.input_size % self.patch_size:
+      raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}.")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+    if self.hidden_size % 4:
+      raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 for 2-D sin-cos positions.")
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
+  """(grid_size**2, dim) fixed positions, MAE convention: first half encodes the column (w) index."""
+  def one_d(d, pos):
+    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+  coords = np.arange(grid_size, dtype=np.float64)
+  grid_w, grid_h = np.meshgrid(coords, coords)  # each (h, w); token order is row-major (h, w)
+  return np.concatenate([one_d(dim // 2, grid_w), one_d(dim // 2, grid_h)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0):
+  """(N,) -> (N, dim): [cos(t w_i), sin(t w_i)], w_i = exp(-ln(max_period) i / (dim/2 - freq_shift))."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """(N, H, W, C) -> (N, (H/p)(W/p), p*p*C), features ordered (p, q, c)."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
+  """(N, T, p*p*C) -> (N, H, W, C), inverse of `patchify`."""
+  n, t, _ = x.shape
+  g = int(math.isqrt(t))
+  x = x.reshape(n, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, g * p, g * p, c)
+
+
+def _modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class _PolicyScope(nn.Module):
+  """Base for modules that create seam layers: `self.linear(name, ...)` resolves the policy by path."""
+  policies: layers.PolicyTable = ()
+
+  def linear(self, name: str, features: int, **kw) -> layers.Linear:
+    path = "/".join((*self.scope.path, name))
+    return layers.Linear(features, policy=layers.resolve_policy(path, self.policies), name=name, **kw)
+
+
+class Attention(_PolicyScope):
+  num_heads: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    n, t, d = x.shape
+    h = self.num_heads
+    qkv = self.linear("qkv", 3 * d)(x).reshape(n, t, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d // h)
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, t, d)
+    return self.linear("proj", d)(out)
+
+
+class DiTBlock(_PolicyScope):
+  num_heads: int = 1
+  mlp_ratio: float = 4.0
+  mlp_norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x, c):
+    d = x.shape[-1]
+    mod = self.linear("adaLN_modulation", 6 * d, kernel_init=nn.initializers.zeros)(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    norm1 = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")
+    norm2 = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")
+    x = x + gate_msa[:, None] * Attention(num_heads=self.num_heads, policies=self.policies, name="attn")(
+        _modulate(norm1(x), shift_msa, scale_msa))
+    h = _modulate(norm2(x), shift_mlp, scale_mlp)
+    h = MLP(hidden=int(d * self.mlp_ratio), policies=self.policies, name="mlp")(h)
+    return x + gate_mlp[:, None] * h
+
+
+class MLP(_PolicyScope):
+  hidden: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.gelu(self.linear("fc1", self.hidden)(x), approximate=True)
+    return self.linear("fc2", d)(x)
+
+
+class TimestepEmbedder(_PolicyScope):
+  hidden_size: int = 0
+  freq_dim: int = 256
+  freq_shift: int = 0
+
+  @nn.compact
+  def __call__(self, t):
+    init = nn.initializers.normal(0.02)
+    h = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
+    h = nn.silu(self.linear("mlp_0", self.hidden_size, kernel_init=init)(h))
+    return self.linear("mlp_2", self.hidden_size, kernel_init=init)(h)
+
+
+class LabelEmbedder(nn.Module):
+  """Table of num_classes + 1 rows; row `num_classes` is the null (unconditional) class."""
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+
+  @nn.compact
+  def __call__(self, y, train: bool = False):
+    if train and self.dropout_prob > 0:
+      drop = jax.random.bernoulli(self.make_rng("label_dropout"), self.dropout_prob, y.shape)
+      y = jnp.where(drop, self.num_classes, y)
+    table = nn.Embed(self.num_classes + 1, self.hidden_size, embedding_init=nn.initializers.normal(0.02),
+                     name="embedding_table")
+    return table(y)
+
+
+class FinalLayer(_PolicyScope):
+  out_features: int = 0
+
+  @nn.compact
+  def __call__(self, x, c):
+    d = x.shape[-1]
+    shift, scale = jnp.split(
+        self.linear("adaLN_modulation", 2 * d, kernel_init=nn.initializers.zeros)(nn.silu(c)), 2, axis=-1)
+    x = _modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm_final")(x), shift, scale)
+    return self.linear("linear", self.out_features, kernel_init=nn.initializers.zeros)(x)
+
+
+class DiT(_PolicyScope):
+  """x (N, H, W, C) float, t (N,) original timestep indices, y (N,) int labels -> (N, H, W, out_channels)."""
+  config: DiTConfig = DiTConfig()
+
+  @nn.compact
+  def __call__(self, x, t, y, train: bool = False):
+    cfg = self.config
+    if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
+      raise ValueError(f"DiT expects inputs of shape (N, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) "
+                       f"(NHWC); got {x.shape}. Resize/pad the data or pick a config with matching input_size.")
+    p, d = cfg.patch_size, cfg.hidden_size
+    tokens = self.linear("x_embedder", d)(patchify(x, p))
+    tokens = tokens + jnp.asarray(sincos_pos_embed_2d(d, cfg.grid_size))[None]
+    c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, policies=self.policies, name="t_embedder")(t)
+    c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
+    for i in range(cfg.depth):
+      tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
+                        policies=self.policies,
+                        name=f"blocks_{i}")(tokens, c)
+    out = FinalLayer(out_features=p * p * cfg.out_channels, policies=self.policies, name="final_layer")(tokens, c)
+    return unpatchify(out, p, cfg.out_channels)
+
+
+def init_params(config: DiTConfig, rng: jax.Array) -> dict:
+  """Params with DiT's initialisation (xavier linears, zero biases, adaLN-Zero, N(0, .02) embedders).
+
+  The patch embedding's xavier bound uses the flattened conv fan-in (p*p*C, D), which is what DiT does.
+  """
+  x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
+  return DiT(config=config).init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+
+
+PRESETS = {
+    **{f"DiT-{name}/{p}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=p)
+       for name, (depth, hidden, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+                                            "XL": (28, 1152, 16)}.items() for p in (2, 4, 8)},
+}
+
+
+def preset(name: str, **overrides) -> DiTConfig:
+  """DiT-{S,B,L,XL}/{2,4,8} (ImageNet-256 latents: 32x32x4, 1000 classes) or 'FM' (the embedded model)."""
+  if name == "FM":
+    kw = dict(EMBEDDED)
+  elif name in PRESETS:
+    kw = dict(PRESETS[name])
+  else:
+    raise ValueError(f"Unknown DiT preset {name!r}; choose one of {sorted(PRESETS) + ['FM']}.")
+  kw.update(overrides)
+  return DiTConfig(**kw)
+
+
+# The embedded Fashion-MNIST model (32x32x1, 10 classes, patch 4 -> 64 tokens).
+EMBEDDED = dict(input_size=32, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4, num_classes=10)

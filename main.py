@@ -1,0 +1,31 @@
+"""diffq entry point: python main.py --config=configs/X.py[:args] --workdir=DIR [--config.k=v ...]."""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.json, samples and exports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+JOBS = ("train", "sample")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = FLAGS.config
+  if config.job not in JOBS:
+    raise app.UsageError(f"Unknown job {config.job!r}; known jobs: {JOBS}.")
+  from diffq import parallel
+  from diffq.jobs import common
+  common.quiet_library_logs()
+  parallel.maybe_initialize_distributed(config.get("distributed", False))
+  import importlib
+  job = importlib.import_module(f"diffq.jobs.{config.job}")
+  logging.info("Config:\n%s", config)
+  result = job.run(config, FLAGS.workdir)
+  logging.info("Done: %s", result)
+
+
+if __name__ == "__main__":
+  app.run(main)
