@@ -21,6 +21,8 @@ def get_config(arg=None):
   c.num_devices = 0
   c.distributed = False
   c.grid_per_class = 10
+  c.evaluate = True                        # score in-process (configs/evaluate.py semantics)
+  c.eval = configlib.eval_config()
   if arg.quick:
     c.num_samples, c.batch_size = 100, 100
   return c

@@ -34,3 +34,9 @@ def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
 
 def dit_config(model_cfg) -> dit.DiTConfig:
   return dit.DiTConfig(**dict(model_cfg))
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """How samples are scored: frozen evaluator, reference split, cache for its statistics, KID subsets."""
+  return ml_collections.ConfigDict(dict(evaluator="", reference_split="test", cache_dir="", data_dir=
+                                        "/usr/share/datasets/fashion-mnist", kid_subsets=100, kid_subset_size=1000))

@@ -80,7 +80,12 @@ def to_model_space(images_u8: np.ndarray, size: int = 32) -> np.ndarray:
   pad = (size - images_u8.shape[1]) // 2
   extra = size - images_u8.shape[1] - 2 * pad
   x = np.pad(images_u8, ((0, 0), (pad, pad + extra), (pad, pad + extra)))
-  return (x.astype(np.float32) / 127.5 - 1.0)[..., None]
+  return from_uint8(x)[..., None]
+
+
+def from_uint8(images_u8: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] (same shape); `to_uint8` inverts it exactly."""
+  return np.asarray(images_u8).astype(np.float32) / 127.5 - 1.0
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

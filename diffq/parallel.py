@@ -45,3 +45,13 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   """Multi-host: `jax.distributed.initialize()` (auto-detects TPU pods, Slurm, k8s) before any device use."""
   if enabled:
     jax.distributed.initialize()
+
+
+def jit_train_step(fn, mesh, state, num_batch_args: int = 2):
+  """jit of `fn(state, *batch) -> (state, metrics)`: state replicated and donated, batch split over 'data'.
+
+  XLA inserts the gradient all-reduce, so the step equals the single-device step on the global batch."""
+  rep, bat = replicated(mesh), batch_sharded(mesh)
+  state_sharding = jax.tree.map(lambda _: rep, state)
+  return jax.jit(fn, in_shardings=(state_sharding, *[bat] * num_batch_args), out_shardings=(state_sharding, rep),
+                 donate_argnums=(0,))

@@ -61,6 +61,9 @@ def _atomic_write(path: str, write_fn) -> None:
   os.close(fd)
   try:
     write_fn(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

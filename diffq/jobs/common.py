@@ -57,10 +57,19 @@ def _hms(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def write_metrics(workdir: str, metrics: dict) -> None:
-  """workdir/metrics.json with flat keys, written atomically (process 0 only)."""
+def write_json(path: str, obj) -> None:
+  """Atomic JSON write (process 0 only)."""
   if jax.process_index() != 0:
     return
-  flat = {k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()}
-  _atomic_write(os.path.join(workdir, "metrics.json"),
-                lambda tmp: open(tmp, "w").write(json.dumps(flat, indent=1, sort_keys=True)))
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, sort_keys=True)
+
+  _atomic_write(path, write)
+
+
+def write_metrics(workdir: str, metrics: dict) -> None:
+  """workdir/metrics.json with flat keys."""
+  write_json(os.path.join(workdir, "metrics.json"),
+             {k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()})

@@ -10,19 +10,38 @@ import numpy as np
 from absl import logging
 
 from diffq import data, parallel, sampler, viz
+from diffq.eval import flops
 from diffq.io import npz
 from diffq.jobs import common
 from diffq.models import dit
 
 
 def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
-  """(DiTConfig, params) from a diffq export whose manifest metadata has kind=dit_params and the model config."""
+  """(DiTConfig, params) from a diffq export (manifest kind=dit_params) or a training workdir (latest EMA)."""
+  if os.path.isdir(path):
+    return _load_training_run(path)
   params, manifest = npz.import_npz(path)
   meta = manifest["metadata"]
   if meta.get("kind") != "dit_params" or "model" not in meta:
     raise ValueError(f"{path} is not a DiT parameter export (manifest metadata kind={meta.get('kind')!r}); "
                      "export one with diffq.io.npz.export_npz(..., metadata=dict(kind='dit_params', model=...)).")
   return dit.DiTConfig(**meta["model"]), params
+
+
+def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
+  import json
+  import orbax.checkpoint as ocp
+  cfg_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.exists(cfg_path) or not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{workdir} is not a diffq training workdir (needs config.json and checkpoints/).")
+  with open(cfg_path) as f:
+    model_cfg = dit.DiTConfig(**json.load(f)["model"])
+  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint in {ckpt_dir} yet.")
+  state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+  logging.info("Loaded EMA params of %s at step %d.", workdir, mngr.latest_step())
+  return model_cfg, jax.device_get(state["ema"])
 
 
 def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mesh):
@@ -80,8 +99,14 @@ def run(config, workdir: str) -> dict:
   save_samples(os.path.join(workdir, "samples.npz"), images, labels)
   viz.save_png(os.path.join(workdir, "grid.png"),
                viz.class_grid(images, labels, model_cfg.num_classes, config.grid_per_class))
+  plan_steps = len(sampler.make_plan(config.diffusion_steps, config.spacing).steps)
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
-                spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale)
+                spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
+                gmacs_per_image=flops.macs_per_image(model_cfg, plan_steps, config.cfg_scale) / 1e9,
+                params=sum(int(np.size(x)) for x in jax.tree.leaves(params)))
+  if config.evaluate:
+    from diffq.jobs import evaluate
+    result.update(evaluate.score(config.eval, images, labels))
   common.write_metrics(workdir, result)
   logging.info("Wrote %d samples to %s (%.1f images/s).", len(images), workdir, result["images_per_second"])
   return result

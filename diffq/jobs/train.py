@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from diffq import configlib, data, parallel
 from diffq.diffusion import gaussian
 from diffq.io import npz
 from diffq.models import dit
-from diffq.jobs import common
+from diffq.jobs import common, loop
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -58,16 +56,7 @@ def compile_train_step(config, model_cfg, mesh, state):
   """Jitted step: state replicated, batch split over 'data'; XLA inserts the gradient all-reduce."""
   schedule = gaussian.Schedule.from_betas(gaussian.linear_betas(config.diffusion_steps))
   fn = functools.partial(train_step, config=config, model_cfg=model_cfg, schedule=schedule)
-  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  state_sharding = jax.tree.map(lambda _: rep, state)
-  return jax.jit(fn, in_shardings=(state_sharding, bat, bat), out_shardings=(state_sharding, rep),
-                 donate_argnums=(0,))
-
-
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         save_interval_steps=config.checkpoint_every)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return parallel.jit_train_step(fn, mesh, state)
 
 
 def run(config, workdir: str) -> dict:
@@ -81,34 +70,23 @@ def run(config, workdir: str) -> dict:
   images, labels = data.load("train", config.data.dir)
   writer = common.metric_writer(workdir)
 
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # lets sample.load_dit read a run
   state = jax.device_put(init_state(config, model_cfg), parallel.replicated(mesh))
-  mngr = checkpoint_manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-    logging.info("Resumed from checkpoint at step %d.", int(state["step"]))
-  start = int(state["step"])
+  mngr = loop.checkpoint_manager(workdir, config)
+  state = loop.restore_latest(mngr, state)
   step_fn = compile_train_step(config, model_cfg, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("DiT %s: %.2fM params, %d devices, batch %d, steps %d..%d.", model_cfg, n_params / 1e6,
-               mesh.devices.size, config.batch_size, start, config.num_steps)
-  progress = common.Progress(config.num_steps, start, writer)
-  t_start, last_metrics = time.time(), None
-  for step in range(start, config.num_steps):
+               mesh.devices.size, config.batch_size, int(state["step"]), config.num_steps)
+
+  def batch_at(step):
     idx = data.epoch_batches(len(images), config.batch_size, config.seed, step)
-    x0, y = parallel.shard_batch((images[idx], labels[idx]), mesh)
-    state, metrics = step_fn(state, x0, y)
-    if last_metrics is not None and (step % config.log_every == 0):
-      writer.write_scalars(step, jax.device_get(last_metrics))  # previous step: no sync on this one
-    last_metrics = metrics
-    progress(step + 1)
-    mngr.save(step + 1, args=ocp.args.StandardSave(state))
-  if mngr.latest_step() != int(state["step"]):
-    mngr.save(int(state["step"]), args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
-  final = {f"train_{k}": float(v) for k, v in jax.device_get(last_metrics or {}).items()}
-  result = dict(steps=int(state["step"]), params=int(n_params), seconds=time.time() - t_start,
-                images_per_second=(config.num_steps - start) * config.batch_size / max(time.time() - t_start, 1e-9),
-                **final)
+    return parallel.shard_batch((images[idx], labels[idx]), mesh)
+
+  state, final, seconds, steps_run = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
+                                              num_steps=config.num_steps, log_every=config.log_every)
+  result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds,
+                images_per_second=steps_run * config.batch_size / max(seconds, 1e-9), **final)
   if config.export_ema:
     npz.export_npz(os.path.join(workdir, "ema_params.npz"), jax.device_get(state["ema"]),
                    metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))

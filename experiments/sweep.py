@@ -1,0 +1,155 @@
+"""Sweep harness: run (config, overrides) pairs into separate workdirs, collect metrics, draw Pareto plots.
+
+  python experiments/sweep.py experiments/sweeps/fp_cfg.py [--runs_root=runs/sweeps] [--only=name,...]
+
+A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides), `COLUMNS`
+(metrics.json keys for the table) and optionally `PARETO` ((x_key, y_key) pairs). Finished runs (metrics.json
+present) are skipped, so an interrupted sweep resumes where it stopped. Results go to
+experiments/results/<NAME>.md/.csv (each row with the exact command that produced it) and <NAME>_<y>_vs_<x>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
+
+
+def load_sweep(path: str):
+  spec = importlib.util.spec_from_file_location("sweep_spec", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for attr in ("NAME", "RUNS", "COLUMNS"):
+    if not hasattr(module, attr):
+      raise SystemExit(f"{path} must define {attr} (see experiments/sweep.py docstring).")
+  names = [r["name"] for r in module.RUNS]
+  if len(set(names)) != len(names):
+    raise SystemExit(f"{path}: run names must be unique.")
+  return module
+
+
+def command(run: dict, workdir: str) -> list[str]:
+  return ["python", "main.py", f"--config={run['config']}", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in run.get("overrides", {}).items()]]
+
+
+def run_all(sweep, runs_root: str, only: set[str] | None) -> None:
+  todo = [r for r in sweep.RUNS if not only or r["name"] in only]
+  t0, done = time.time(), 0
+  for i, run in enumerate(todo):
+    workdir = os.path.join(runs_root, sweep.NAME, run["name"])
+    if os.path.exists(os.path.join(workdir, "metrics.json")):
+      print(f"[{i + 1}/{len(todo)}] {run['name']}: done, skipping", flush=True)
+      continue
+    cmd = command(run, workdir)
+    print(f"[{i + 1}/{len(todo)}] {run['name']}: {shlex.join(cmd)}", flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "log.txt"), "w") as log:
+      rc = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+      raise SystemExit(f"Run {run['name']} failed (exit {rc}); see {workdir}/log.txt. Re-run the sweep to resume.")
+    done += 1
+    rate = (time.time() - t0) / done
+    left = sum(1 for r in todo[i + 1:] if not os.path.exists(
+        os.path.join(runs_root, sweep.NAME, r["name"], "metrics.json")))
+    print(f"    finished in {rate:.0f}s/run on average; ETA {left * rate / 60:.1f} min", flush=True)
+
+
+def collect(sweep, runs_root: str) -> list[dict]:
+  rows = []
+  for run in sweep.RUNS:
+    path = os.path.join(runs_root, sweep.NAME, run["name"], "metrics.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        metrics = json.load(f)
+      rows.append({"name": run["name"], **{c: metrics.get(c) for c in sweep.COLUMNS},
+                   "command": shlex.join(command(run, os.path.relpath(
+                       os.path.join(runs_root, sweep.NAME, run["name"]), ROOT)))})
+  return rows
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return "" if v is None else str(v)
+
+
+def write_tables(sweep, rows: list[dict]) -> None:
+  os.makedirs(RESULTS, exist_ok=True)
+  cols = ["name", *sweep.COLUMNS]
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=[*cols, "command"], lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  with open(os.path.join(RESULTS, f"{sweep.NAME}.csv"), "w") as f:
+    f.write(buf.getvalue())
+  lines = [f"# {sweep.NAME}", "", (sweep.__doc__ or "").strip(), "",
+           "Regenerate: `python experiments/sweep.py " + os.path.relpath(sweep.__file__, ROOT) + "`", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+  lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
+  with open(os.path.join(RESULTS, f"{sweep.NAME}.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+  """Indices of points not dominated in (lower x, lower y), sorted by x."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+  front, best = [], float("inf")
+  for i in order:
+    if points[i][1] < best:
+      front.append(i)
+      best = points[i][1]
+  return front
+
+
+def draw_pareto(sweep, rows: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  for x_key, y_key in getattr(sweep, "PARETO", ()):
+    pts = [(r[x_key], r[y_key], r["name"]) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+    if not pts:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    for x, y, name in pts:
+      ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = [pts[i] for i in pareto_front([(p[0], p[1]) for p in pts])]
+    ax.plot([p[0] for p in front], [p[1] for p in front], "r--", lw=1, label="Pareto front")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.set_title(f"{sweep.NAME}: {y_key} vs {x_key}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, f"{sweep.NAME}_{y_key}_vs_{x_key}.png"), dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("sweep")
+  parser.add_argument("--runs_root", default=os.path.join(ROOT, "runs", "sweeps"))
+  parser.add_argument("--only", default="", help="comma-separated run names")
+  parser.add_argument("--collect_only", action="store_true")
+  args = parser.parse_args()
+  sweep = load_sweep(args.sweep)
+  if not args.collect_only:
+    run_all(sweep, args.runs_root, set(filter(None, args.only.split(","))))
+  rows = collect(sweep, args.runs_root)
+  write_tables(sweep, rows)
+  draw_pareto(sweep, rows)
+  print(f"{len(rows)}/{len(sweep.RUNS)} runs collected into {RESULTS}/{sweep.NAME}.md")
+
+
+if __name__ == "__main__":
+  main()

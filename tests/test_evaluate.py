@@ -1,0 +1,68 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import evaluate as evaluate_config
+from diffq import data
+from diffq.eval import evaluator as evaluator_lib
+from diffq.eval import reference, sample_quality
+from diffq.jobs import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_against_itself_scores_perfectly():
+  ev = evaluator_lib.load_evaluator()
+  raw, labels = data.load_raw("test")
+  images = data.to_uint8(data.to_model_space(raw[:600]))
+  ref = reference.compute_reference(ev, images)
+  out = sample_quality.evaluate(ev, ref, images, labels[:600], kid_subsets=5, kid_subset_size=200)
+  assert abs(out["fid"]) < 1e-6 and abs(out["sfid"]) < 1e-4  # sFID: 1024-d, rank-deficient at N=600
+  assert out["precision"] == out["recall"] == 1.0
+  assert out["class_acc"] > 0.85
+
+
+def test_evaluate_job_on_real_images_and_cache(tmp_path):
+  raw, labels = data.load_raw("train")
+  path = tmp_path / "samples.npz"
+  np.savez(path, arr_0=data.to_uint8(data.to_model_space(raw[:1000])), arr_1=labels[:1000])
+  c = evaluate_config.get_config()
+  c.samples, c.eval.cache_dir, c.eval.kid_subsets = str(path), str(tmp_path / "cache"), 10
+  out = evaluate.run(c, str(tmp_path / "w"))
+  # real train images vs the test split: close in every metric (the train/test noise floor)
+  assert out["fid"] < 2.0 and out["precision"] > 0.6 and out["recall"] > 0.6 and out["class_acc"] > 0.9
+  assert len(os.listdir(tmp_path / "cache")) == 1
+  again = evaluate.run(c, str(tmp_path / "w2"))  # now from the cache
+  assert again["fid"] == out["fid"]
+
+
+def test_pickled_and_malformed_samples_are_refused(tmp_path):
+  p = tmp_path / "pickled.npz"
+  np.savez(p, arr_0=np.array([object()], dtype=object))
+  with pytest.raises(ValueError, match="pickled"):
+    sample_quality.load_samples(str(p))
+  p = tmp_path / "float.npz"
+  np.savez(p, arr_0=np.zeros((2, 32, 32, 1), np.float32))
+  with pytest.raises(ValueError, match="uint8"):
+    sample_quality.load_samples(str(p))
+  p = tmp_path / "nolabels.npz"
+  np.savez(p, images=np.zeros((2, 32, 32, 1), np.uint8))
+  with pytest.raises(ValueError, match="no 'arr_0'"):
+    sample_quality.load_samples(str(p))
+  p = tmp_path / "corrupt.npz"
+  p.write_bytes(b"PK\x03\x04 not really a zip")
+  with pytest.raises(ValueError, match="not a readable .npz"):
+    sample_quality.load_samples(str(p))
+  p = tmp_path / "rgb.npz"
+  np.savez(p, arr_0=np.zeros((2, 64, 64, 3), np.uint8))
+  with pytest.raises(ValueError, match="needs \\[32, 32, 1\\]"):
+    evaluate.score(evaluate_config.get_config().eval, *sample_quality.load_samples(str(p)))
+
+
+def test_main_evaluate_requires_samples(tmp_path):
+  out = subprocess.run([sys.executable, "main.py", "--config=configs/evaluate.py", f"--workdir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "--config.samples=PATH" in out.stderr

@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+
+from experiments import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pareto_front():
+  pts = [(1, 5), (2, 3), (3, 4), (4, 1), (2, 6)]
+  assert sweep.pareto_front(pts) == [0, 1, 3]
+
+
+def test_sweep_runs_skips_finished_and_collects(tmp_path, monkeypatch):
+  spec = tmp_path / "tiny_sweep.py"
+  spec.write_text('"""Tiny sweep."""\nNAME = "tiny_sweep"\nCOLUMNS = ["num_samples", "seconds"]\n'
+                  'PARETO = [("seconds", "num_samples")]\n'
+                  'RUNS = [dict(name="a", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 1}),\n'
+                  '        dict(name="b", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 2})]\n')
+  monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
+  runs = tmp_path / "runs"
+  # "b" is already finished: the harness must not run it again
+  os.makedirs(runs / "tiny_sweep" / "b")
+  (runs / "tiny_sweep" / "b" / "metrics.json").write_text(json.dumps({"num_samples": 7, "seconds": 1.0}))
+  mod = sweep.load_sweep(str(spec))
+  env_cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); from experiments import sweep as s; "
+             "s.RESULTS = %r; sys.argv = ['sweep', %r, '--runs_root=%s']; s.main()"
+             % (ROOT, str(tmp_path / "results"), str(spec), str(runs))]
+  out = subprocess.run(env_cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "b: done, skipping" in out.stdout
+  assert json.load(open(runs / "tiny_sweep" / "a" / "metrics.json"))["steps"] == 1
+  rows = sweep.collect(mod, str(runs))
+  assert [r["name"] for r in rows] == ["a", "b"] and rows[1]["num_samples"] == 7
+  table = (tmp_path / "results" / "tiny_sweep.md").read_text()
+  assert "--config.num_steps=1" in table and (tmp_path / "results" / "tiny_sweep.csv").exists()
+  assert (tmp_path / "results" / "tiny_sweep_num_samples_vs_seconds.png").exists()
