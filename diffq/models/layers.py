@@ -1,31 +1,65 @@
 """The one seam every DiT matmul goes through.
 
-`Linear` is a dense layer whose behaviour is chosen by a static `LayerPolicy`.
-Policies are resolved from the layer's path (e.g. ``blocks_3/attn/qkv``) by
-`resolve_policy`, so quantization and caching can change any layer by config
-without touching the DiT code. This module only knows the float policy; later
-methods register their own kinds.
+`Linear` is a dense layer whose behaviour is chosen by a static `LayerPolicy`. Policies are resolved from the
+layer's path (e.g. ``blocks_3/attn/qkv``) by `resolve_policy`, so quantization and caching change any layer by
+config without touching the DiT code.
+
+Kinds:
+- ``float``: y = x W + b.
+- ``fakequant``: y = Q_a(x / s) Q_w((W + A B) * s[:, None]) + b, with
+  * Q_w uniform affine per output channel (or per group of `w_group_size` inputs), `w_bits` bits, or a
+    per-output-channel bit vector (`mixed_bits`, OMQ);
+  * Q_a per-tensor, `a_bits` bits (0 = float activations), one (scale, zero) pair per sampling step
+    (`a_steps` entries, selected by the explicit `step` argument);
+  * s the SmoothQuant pre-scale per input channel (`smooth`), A B a rank-`lora_rank` LoRA on the FP weight.
+  Quantizer state lives in the `quant` collection (shapes below), float weights stay in `params`.
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-KINDS = ("float",)
+from diffq.quant import ops
+
+KINDS = ("float", "fakequant")
+GRADS = ("ste", "lsq")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPolicy:
-  """Static per-layer behaviour. `kind` selects the matmul implementation."""
+  """Static per-layer behaviour. `kind` selects the matmul implementation; the rest configures it."""
   kind: str = "float"
+  w_bits: int = 8
+  a_bits: int = 0
+  w_symmetric: bool = False
+  w_group_size: int = 0
+  a_steps: int = 1
+  mixed_bits: bool = False
+  smooth: bool = False
+  lora_rank: int = 0
+  grad: str = "ste"
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Unknown layer policy kind {self.kind!r}; expected one of {KINDS}.")
+    if self.kind == "fakequant":
+      ops.check_bits(self.w_bits, "w_bits")
+      if self.a_bits:
+        ops.check_bits(self.a_bits, "a_bits")
+      if self.mixed_bits and not 2 <= self.w_bits <= 7:
+        raise ValueError(f"mixed_bits (OMQ) uses w_bits-1..w_bits+1 bits, so w_bits must be 2..7; got "
+                         f"{self.w_bits}.")
+      if self.mixed_bits and self.w_group_size:
+        raise ValueError("mixed_bits assigns bits per output channel; it cannot be combined with w_group_size.")
+      if self.a_steps < 1 or self.lora_rank < 0 or self.w_group_size < 0:
+        raise ValueError(f"a_steps must be >= 1, lora_rank and w_group_size >= 0; got {self}.")
+      if self.grad not in GRADS:
+        raise ValueError(f"Unknown quantizer gradient {self.grad!r}; expected one of {GRADS}.")
 
 
 FLOAT = LayerPolicy()
@@ -50,8 +84,48 @@ def check_policy_table(table: PolicyTable, layer_paths: Sequence[str]) -> None:
           f"{', '.join(list(layer_paths)[:6])}, ... Fix the pattern in the config.")
 
 
+def weight_quant_shape(policy: LayerPolicy, in_features: int, out_features: int) -> tuple[int, ...]:
+  """Shape of w_scale / w_zero: (1, out) per output channel, (in/g, 1, out) per group of g inputs."""
+  if policy.w_group_size:
+    if in_features % policy.w_group_size:
+      raise ValueError(f"w_group_size {policy.w_group_size} does not divide the layer's {in_features} inputs.")
+    return (in_features // policy.w_group_size, 1, out_features)
+  return (1, out_features)
+
+
+def quantized_weight(kernel, q: dict, policy: LayerPolicy):
+  """Q_w((W + A B) * s[:, None]) for kernel (in, out) and the layer's `quant` variables; returns (in, out)."""
+  w = kernel
+  if policy.lora_rank:
+    w = w + q["lora_a"] @ q["lora_b"]
+  if policy.smooth:
+    w = w * q["smooth"][:, None]
+  n_in, n_out = w.shape
+  bits = q["w_bits"] if policy.mixed_bits else policy.w_bits
+  gscale = 1.0
+  if policy.grad == "lsq":
+    gscale = 1.0 / math.sqrt(n_in * (2 ** policy.w_bits - 1))
+  if policy.w_group_size:
+    g = policy.w_group_size
+    wq = ops.fake_quant(w.reshape(n_in // g, g, n_out), q["w_scale"], q["w_zero"], ops.qmax_of(bits),
+                        policy.w_symmetric, gscale)
+    return wq.reshape(n_in, n_out)
+  return ops.fake_quant(w, q["w_scale"], q["w_zero"], ops.qmax_of(bits), policy.w_symmetric, gscale)
+
+
+def quantized_input(x, q: dict, policy: LayerPolicy, step):
+  """Q_a(x / s) with the (scale, zero) entry of sampling step `step` (clipped to the calibrated range)."""
+  if policy.smooth:
+    x = x / q["smooth"]
+  if not policy.a_bits:
+    return x
+  i = jnp.clip(jnp.asarray(step, jnp.int32), 0, policy.a_steps - 1)
+  gscale = 1.0 if policy.grad == "ste" else 1.0 / math.sqrt(x.size * (2 ** policy.a_bits - 1))
+  return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(policy.a_bits), False, gscale)
+
+
 class Linear(nn.Module):
-  """y = x @ kernel + bias, kernel (in, out); behaviour set by `policy`."""
+  """y = x @ kernel + bias, kernel (in, out); behaviour set by `policy` (see the module docstring)."""
   features: int
   policy: LayerPolicy = FLOAT
   use_bias: bool = True
@@ -59,9 +133,35 @@ class Linear(nn.Module):
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    y = jnp.dot(x, kernel.astype(x.dtype))
+  def __call__(self, x, step=0):
+    n_in = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (n_in, self.features), jnp.float32)
+    if self.policy.kind == "fakequant":
+      q = self._quant_variables(n_in)
+      y = jnp.dot(quantized_input(x, q, self.policy, step), quantized_weight(kernel, q, self.policy))
+    else:
+      y = jnp.dot(x, kernel.astype(x.dtype))
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(x.dtype)
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     return y
+
+  def _quant_variables(self, n_in: int) -> dict:
+    """The layer's `quant` collection, created with neutral values (calibration overwrites them):
+    w_scale/w_zero (see weight_quant_shape), w_bits (1, out) int32 if mixed, smooth (in,), a_scale/a_zero
+    (a_steps,), lora_a (in, r) U(+-1/sqrt(in)), lora_b (r, out) zeros."""
+    p, shape = self.policy, weight_quant_shape(self.policy, n_in, self.features)
+    var = lambda name, fn: self.variable("quant", name, fn).value
+    q = {"w_scale": var("w_scale", lambda: jnp.ones(shape, jnp.float32)),
+         "w_zero": var("w_zero", lambda: jnp.zeros(shape, jnp.float32))}
+    if p.mixed_bits:
+      q["w_bits"] = var("w_bits", lambda: jnp.full((1, self.features), p.w_bits, jnp.int32))
+    if p.smooth:
+      q["smooth"] = var("smooth", lambda: jnp.ones((n_in,), jnp.float32))
+    if p.a_bits:
+      q["a_scale"] = var("a_scale", lambda: jnp.ones((p.a_steps,), jnp.float32))
+      q["a_zero"] = var("a_zero", lambda: jnp.zeros((p.a_steps,), jnp.float32))
+    if p.lora_rank:
+      init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch kaiming_uniform(a=sqrt(5))
+      q["lora_a"] = var("lora_a", lambda: init(self.make_rng("params"), (n_in, p.lora_rank), jnp.float32))
+      q["lora_b"] = var("lora_b", lambda: jnp.zeros((p.lora_rank, self.features), jnp.float32))
+    return q
