@@ -50,14 +50,14 @@ def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20") -> StepPlan:
   return StepPlan(schedule=sched, steps=steps, kinds=("full",) * len(steps))
 
 
-def guided(model_fn: Callable, params, x, t, y, cfg_scale: float, null_class: int):
+def guided(model_fn: Callable, params, x, t, y, step, cfg_scale: float, null_class: int):
   """Classifier-free guidance on eps channels: eps = eps_null + s (eps_cond - eps_null); the learned-sigma
   channels come from the conditional half. (DiT's forward_with_cfg guides only the first 3 of 4 latent
   channels; diffq guides all C.)"""
   if cfg_scale == 1.0:
-    return model_fn(params, x, t, y)
+    return model_fn(params, x, t, y, step)
   out = model_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                 jnp.concatenate([y, jnp.full_like(y, null_class)]))
+                 jnp.concatenate([y, jnp.full_like(y, null_class)]), step)
   cond, uncond = jnp.split(out, 2)
   c = x.shape[-1]
   eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
@@ -82,7 +82,8 @@ def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise):
 def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
            plan: StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
            cfg_scale: float = 1.0, null_class: int = 0) -> jax.Array:
-  """Draws x_0 for `labels` (N,). model_fn(params, x, t_model, y) -> (N, *shape[:-1], 2C). Returns (N, *shape).
+  """Draws x_0 for `labels` (N,). model_fn(params, x, t_model, y, step) -> (N, *shape[:-1], 2C), where `step` is
+  the position in the plan (0 = first, noisiest). Returns (N, *shape).
 
   Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static (see `make_sampler`).
   """
@@ -95,17 +96,17 @@ def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample
   steps = jnp.array(plan.steps, jnp.int32)
   model_ts = jnp.asarray(plan.model_timesteps, jnp.int32)
 
-  def full_step(x, t_model):
-    return guided(model_fn, params, x, jnp.full((x.shape[0],), t_model), labels, cfg_scale, null_class)
+  def full_step(x, t_model, i):
+    return guided(model_fn, params, x, jnp.full((x.shape[0],), t_model), labels, i, cfg_scale, null_class)
 
   branches = {"full": full_step}
 
   def body(x, inp):
     i, t, t_model, kind_id = inp
     if len(kinds) == 1:
-      out = branches[kinds[0]](x, t_model)
+      out = branches[kinds[0]](x, t_model, i)
     else:
-      out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model)
+      out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model, i)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
     return _update(plan.schedule, method, eta, out, x, t, noise), None
 

@@ -76,9 +76,9 @@ def test_vb_does_not_train_the_mean():
   assert np.all(np.asarray(g[..., 0]) == 0) and np.any(np.asarray(g[..., 1]) != 0)
 
 
-def _toy_model(params, x, t, y):
-  """A deterministic stand-in eps-model: depends on x, t and y, outputs 2C channels."""
-  h = jnp.tanh(x * params["w"] + t[:, None, None, None] / 1000.0 + y[:, None, None, None] / 10.0)
+def _toy_model(params, x, t, y, step=0):
+  """A deterministic stand-in eps-model: depends on x, t, y and the plan position `step`, outputs 2C channels."""
+  h = jnp.tanh(x * params["w"] + t[:, None, None, None] / 1000.0 + y[:, None, None, None] / 10.0 + 0.05 * step)
   return jnp.concatenate([h, 0.5 * h], axis=-1)
 
 
@@ -107,9 +107,9 @@ def test_ddim_eta0_matches_numpy_reference():
   plan = sampler.make_plan(1000, "ddim10")
   acp = plan.schedule.alphas_cumprod
   x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 5), (4, 4, 1)))[None]
-  for i in plan.steps:
+  for position, i in enumerate(plan.steps):
     t_model = plan.schedule.timestep_map[i]
-    eps = np.asarray(_toy_model({"w": 0.7}, jnp.asarray(x), jnp.array([t_model]), jnp.array([2])))[..., :1]
+    eps = np.asarray(_toy_model({"w": 0.7}, jnp.asarray(x), jnp.array([t_model]), jnp.array([2]), position))[..., :1]
     x0 = (x - np.sqrt(1 - acp[i]) * eps) / np.sqrt(acp[i])
     prev = acp[i - 1] if i > 0 else 1.0
     x = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * eps

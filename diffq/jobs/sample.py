@@ -46,7 +46,7 @@ def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
 
 def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mesh):
   model = dit.DiT(config=model_cfg)
-  model_fn = lambda p, x, t, y: model.apply({"params": p}, x, t, y)
+  model_fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
   def fn(params, key, labels, ids):
