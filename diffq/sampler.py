@@ -81,9 +81,10 @@ def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise):
 
 def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
            plan: StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
-           cfg_scale: float = 1.0, null_class: int = 0) -> jax.Array:
+           cfg_scale: float = 1.0, null_class: int = 0, return_trajectory: bool = False):
   """Draws x_0 for `labels` (N,). model_fn(params, x, t_model, y, step) -> (N, *shape[:-1], 2C), where `step` is
-  the position in the plan (0 = first, noisiest). Returns (N, *shape).
+  the position in the plan (0 = first, noisiest). Returns x_0 (N, *shape), and with `return_trajectory` also
+  the model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
 
   Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static (see `make_sampler`).
   """
@@ -108,7 +109,7 @@ def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample
     else:
       out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model, i)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
-    return _update(plan.schedule, method, eta, out, x, t, noise), None
+    return _update(plan.schedule, method, eta, out, x, t, noise), (x if return_trajectory else None)
 
-  x, _ = jax.lax.scan(body, x, (jnp.arange(len(plan.steps)), steps, model_ts, kind_ids))
-  return x
+  x, xs = jax.lax.scan(body, x, (jnp.arange(len(plan.steps)), steps, model_ts, kind_ids))
+  return (x, xs) if return_trajectory else x

@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffq import calibrate, parallel, sampler
+from diffq.models import dit, layers
+from diffq.quant import ops
+
+
+def np_mse_range(x, bits, p=2.4, n=80):
+  """Slow reference of the per-tensor LAPQ range search."""
+  qmax = 2 ** bits - 1
+  best = (np.inf, None, None)
+  for i in range(n):
+    lo, hi = min(x.min() * (1 - 0.01 * i), 0.0), max(x.max() * (1 - 0.01 * i), 0.0)
+    s = max((hi - lo) / qmax, 1e-8)
+    z = np.round(-lo / s)
+    q = (np.clip(np.round(x / s) + z, 0, qmax) - z) * s
+    err = np.mean(np.abs(x - q) ** p)
+    if err < best[0]:
+      best = (err, s, z)
+  return best[1], best[2]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_range_matches_numpy(bits):
+  x = np.random.default_rng(bits).standard_t(3, size=(64, 5)).astype(np.float32)
+  s, z = calibrate.mse_range(jnp.asarray(x), bits, (0,))
+  for c in range(5):
+    rs, rz = np_mse_range(x[:, c].astype(np.float64), bits)
+    np.testing.assert_allclose(s[0, c], rs, rtol=1e-4)
+    assert z[0, c] == rz
+
+
+def test_smoothing_is_an_identity_without_quantization():
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(10, 6)) * [1, 10, 0.1, 5, 1, 0], rng.normal(size=(6, 4))
+  s = calibrate.smooth_scale(np.abs(x).max(0), np.abs(w).max(1))
+  assert np.all(np.isfinite(s))  # a dead channel (max 0) must not give inf/NaN
+  np.testing.assert_allclose((x / s) @ (w * np.asarray(s)[:, None]), x @ w, rtol=1e-5, atol=1e-6)
+
+
+def tiny_setup(num_images=8):
+  cfg = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
+  params = dit.init_params(cfg, jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  plan = sampler.make_plan(1000, "ddim4")
+  model = dit.DiT(config=cfg)
+  fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
+  labels = jnp.arange(num_images) % 10
+  xs = calibrate.fp_trajectory(fn, params, jax.random.key(1), labels, plan, (32, 32, 1), 1.5, 10)
+  return cfg, params, calibrate.CalibrationSet(xs, labels, plan, 1.5, 10)
+
+
+def test_calibrated_w8a8_model_tracks_fp():
+  cfg, params, cal = tiny_setup()
+  assert cal.xs.shape == (4, 8, 32, 32, 1)
+  pol = layers.LayerPolicy(kind="fakequant", w_bits=8, a_bits=8, a_steps=4, smooth=True)
+  table = (("*", pol),)
+  quant = calibrate.calibrate(cfg, params, cal, table)
+  x, t, y = calibrate._model_batch(cal, 2)
+  fp = dit.DiT(config=cfg).apply({"params": params}, x, t, y)
+  q8 = dit.DiT(config=cfg, policies=table).apply({"params": params, "quant": quant}, x, t, y, step=2)
+  rel = float(jnp.linalg.norm(q8 - fp) / jnp.linalg.norm(fp))
+  assert rel < 0.02, rel
+  pol4 = layers.LayerPolicy(kind="fakequant", w_bits=4, a_bits=4, a_steps=4)
+  q4 = dit.DiT(config=cfg, policies=(("*", pol4),)).apply(
+      {"params": params, "quant": calibrate.calibrate(cfg, params, cal, (("*", pol4),))}, x, t, y, step=2)
+  assert float(jnp.linalg.norm(q4 - fp) / jnp.linalg.norm(fp)) > rel  # fewer bits, more error
+
+
+def test_calibration_on_8_devices_equals_1_device():
+  cfg, params, cal = tiny_setup(num_images=8)
+  pol = layers.LayerPolicy(kind="fakequant", w_bits=4, a_bits=4, a_steps=4, smooth=True)
+  one = calibrate.calibrate(cfg, params, cal, (("*", pol),))
+  mesh = parallel.make_mesh(8)
+  sharded = calibrate.CalibrationSet(jax.device_put(cal.xs, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, parallel.DATA))), jax.device_put(cal.labels,
+      parallel.batch_sharded(mesh)), cal.plan, cal.cfg_scale, cal.null_class)
+  assert len(sharded.xs.sharding.device_set) == 8
+  eight = calibrate.calibrate(cfg, params, sharded, (("*", pol),))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, eight)
