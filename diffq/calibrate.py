@@ -21,7 +21,7 @@ import numpy as np
 
 from diffq import sampler
 from diffq.models import dit, layers
-from diffq.quant import ops
+from diffq.quant import omq, ops
 
 NUM_CANDIDATES = 80
 NORM_P = 2.4
@@ -153,6 +153,23 @@ def activation_ranges(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, a_b
   return {p: (jnp.stack([r[p][0] for r in per_step]), jnp.stack([r[p][1] for r in per_step])) for p in a_bits}
 
 
+def layer_input_samples(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, paths,
+                        images_per_step: int) -> dict[str, jax.Array]:
+  """Per layer: its FP inputs for the first `images_per_step` images (and their CFG twins) of every step,
+  concatenated over steps: (S * rows, ..., in). The OMQ search scores bit allocations on these."""
+  model = dit.DiT(config=model_cfg)
+  n = cal.xs.shape[1]
+  keep = jnp.concatenate([jnp.arange(images_per_step), n + jnp.arange(images_per_step)]) \
+      if cal.cfg_scale != 1.0 else jnp.arange(images_per_step)
+
+  def fn(x, t, y):
+    _, inputs = capture_layer_inputs(model, {"params": params}, x, t, y)
+    return {p: inputs[p][keep] for p in paths}
+
+  per_step = _per_step(fn, cal)
+  return {p: jnp.concatenate([r[p] for r in per_step]) for p in paths}
+
+
 def weight_ranges(kernel, policy: layers.LayerPolicy, smooth=None, bits=None):
   """MSE-searched (scale, zero) of the (smoothed) kernel (in, out), per output channel or per input group."""
   w = kernel if smooth is None else kernel * smooth[:, None]
@@ -171,9 +188,13 @@ def quant_template(model_cfg: dit.DiTConfig, table: layers.PolicyTable) -> dict:
   return model.init(jax.random.key(0), x, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["quant"]
 
 
-def calibrate(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, table: layers.PolicyTable) -> dict:
-  """The `quant` collection for `table`: smoothing scales, weight (scale, zero) and per-step activation
-  (scale, zero); LoRA stays at its initialisation (B = 0, so the merged weight is the FP weight)."""
+def calibrate(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, table: layers.PolicyTable,
+              omq_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
+              omq_images_per_step: int = 2) -> tuple[dict, dict]:
+  """(`quant` collection for `table`, report). Sets smoothing scales, OMQ bit vectors (mixed_bits layers:
+  k searched over `omq_fractions` of output channels), weight (scale, zero) by MSE search for the final bits,
+  and per-step activation (scale, zero). LoRA stays at its initialisation (B = 0: merged weight = FP weight).
+  The report maps each mixed-bits layer to its chosen OMQ k."""
   quant = jax.tree.map(jnp.asarray, quant_template(model_cfg, table))
   paths = ["/".join(p) for p in _leaf_parents(quant)]
   policies = {p: layers.resolve_policy(p, table) for p in paths}
@@ -184,18 +205,28 @@ def calibrate(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, table: laye
               for p, pol in policies.items() if pol.smooth}
   acts = activation_ranges(model_cfg, params, cal, {p: pol.a_bits for p, pol in policies.items() if pol.a_bits},
                            smooth)
+  mixed = [p for p, pol in policies.items() if pol.mixed_bits]
+  samples = layer_input_samples(model_cfg, params, cal, mixed, omq_images_per_step) if mixed else {}
+  report = {}
   for p, pol in policies.items():
     q = _tree_get(quant, p)
     if p in smooth:
       q["smooth"] = smooth[p]
-    bits = q["w_bits"] if pol.mixed_bits else None
+    bits = None
+    if pol.mixed_bits:
+      kernel = _tree_get(params, p)["kernel"]
+      w_hat = kernel * smooth[p][:, None] if p in smooth else kernel
+      x_hat = samples[p] / smooth[p] if p in smooth else samples[p]
+      bits, k, _ = omq.omq_search(w_hat, x_hat, pol.w_bits, omq_fractions)
+      q["w_bits"] = bits
+      report[p] = dict(omq_k=k, out_channels=int(kernel.shape[1]))
     q["w_scale"], q["w_zero"] = weight_ranges(_tree_get(params, p)["kernel"], pol, smooth.get(p), bits)
     if p in acts:
       if pol.a_steps != len(acts[p][0]):
         raise ValueError(f"Layer {p} keeps {pol.a_steps} activation quantizers but the calibration plan has "
                          f"{len(acts[p][0])} steps; set a_steps to the number of sampling steps.")
       q["a_scale"], q["a_zero"] = acts[p]
-  return quant
+  return quant, report
 
 
 def _leaf_parents(tree, prefix=()):
