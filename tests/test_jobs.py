@@ -29,7 +29,7 @@ def tiny_export(tmp_path_factory):
 
 def sample_cfg(params, **kw):
   c = sample_config.get_config("quick")
-  c.update({**dict(params=params, num_samples=24, batch_size=8, spacing="ddim4"), **kw})
+  c.update({**dict(params=params, num_samples=24, batch_size=8, spacing="ddim4", evaluate=False), **kw})
   return c
 
 
@@ -45,8 +45,9 @@ def test_sample_job_writes_adm_npz_grid_and_metrics(tiny_export, tmp_path):
 def test_sampling_on_8_devices_equals_1_device(tiny_export):
   model_cfg, params = sample.load_dit(tiny_export)
   from diffq import parallel
-  one, labels = sample.generate(sample_cfg(tiny_export, num_devices=1), model_cfg, params, parallel.make_mesh(1))
-  eight, _ = sample.generate(sample_cfg(tiny_export, num_devices=8), model_cfg, params, parallel.make_mesh(8))
+  v = {"params": params}
+  one, labels = sample.generate(sample_cfg(tiny_export, num_devices=1), model_cfg, v, parallel.make_mesh(1))
+  eight, _ = sample.generate(sample_cfg(tiny_export, num_devices=8), model_cfg, v, parallel.make_mesh(8))
   assert one.std() > 0
   # uint8 after the same float computation; allow a one-level rounding flip from reduction order
   assert np.abs(one.astype(int) - eight.astype(int)).max() <= 1
@@ -71,6 +72,6 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
 
 def test_main_runs_the_sample_job(tiny_export, tmp_path):
   out = _main("--config=configs/sample.py:quick", f"--workdir={tmp_path}", f"--config.params={tiny_export}",
-              "--config.num_samples=10", "--config.batch_size=8", "--config.spacing=ddim2")
+              "--config.num_samples=10", "--config.batch_size=8", "--config.spacing=ddim2", "--config.evaluate=False")
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "samples.npz").exists() and (tmp_path / "metrics.json").exists()
