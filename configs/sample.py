@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.spacing = "ddim20"                     # respacing: "ddimN", "N" or "a,b,c" section counts
   c.method = "ddim"                        # ddim | ddpm
   c.eta = 0.0
+  c.clip_x0 = True                         # ADM clip_denoised: right for pixel data (DiT's latents: False)
   c.cfg_scale = 1.5
   c.num_devices = 0
   c.distributed = False

@@ -28,11 +28,11 @@ NORM_P = 2.4
 
 
 def fp_trajectory(model_fn: Callable, params, key, labels, plan: sampler.StepPlan, shape, cfg_scale: float,
-                  null_class: int, eta: float = 0.0):
+                  null_class: int, eta: float = 0.0, clip_x0: bool = False):
   """Model inputs of every step of the FP sampler: xs (S, N, *shape); the labels and plan give y and t."""
   ids = jnp.arange(labels.shape[0])
   _, xs = sampler.sample(model_fn, params, key, labels, ids, plan=plan, shape=shape, method="ddim", eta=eta,
-                         cfg_scale=cfg_scale, null_class=null_class, return_trajectory=True)
+                         cfg_scale=cfg_scale, null_class=null_class, clip_x0=clip_x0, return_trajectory=True)
   return xs
 
 

@@ -64,10 +64,13 @@ def guided(model_fn: Callable, params, x, t, y, step, cfg_scale: float, null_cla
   return jnp.concatenate([eps, cond[..., c:]], axis=-1)
 
 
-def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise):
-  """x_t -> x_{t-1} for one spaced step `t` (scalar index), from model output `out` (N, H, W, 2C)."""
+def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
+  """x_t -> x_{t-1} for one spaced step `t` (scalar index), from model output `out` (N, H, W, 2C).
+
+  clip_x0: clip the predicted x_0 to [-1, 1] (ADM's clip_denoised, right for pixel-space data; DiT's latent
+  sampler leaves it off)."""
   tt = jnp.full((x.shape[0],), t)
-  p = gaussian.p_mean_variance(s, out, x, tt)
+  p = gaussian.p_mean_variance(s, out, x, tt, clip_x0=clip_x0)
   nonzero = (jnp.asarray(t) > 0).astype(x.dtype)
   if method == "ddpm":
     return p["mean"] + nonzero * jnp.exp(0.5 * p["log_variance"]) * noise
@@ -81,7 +84,7 @@ def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise):
 
 def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
            plan: StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
-           cfg_scale: float = 1.0, null_class: int = 0, return_trajectory: bool = False):
+           cfg_scale: float = 1.0, null_class: int = 0, clip_x0: bool = False, return_trajectory: bool = False):
   """Draws x_0 for `labels` (N,). model_fn(params, x, t_model, y, step) -> (N, *shape[:-1], 2C), where `step` is
   the position in the plan (0 = first, noisiest). Returns x_0 (N, *shape), and with `return_trajectory` also
   the model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
@@ -109,7 +112,7 @@ def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample
     else:
       out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model, i)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
-    return _update(plan.schedule, method, eta, out, x, t, noise), (x if return_trajectory else None)
+    return _update(plan.schedule, method, eta, out, x, t, noise, clip_x0), (x if return_trajectory else None)
 
   x, xs = jax.lax.scan(body, x, (jnp.arange(len(plan.steps)), steps, model_ts, kind_ids))
   return (x, xs) if return_trajectory else x

@@ -82,11 +82,11 @@ def _toy_model(params, x, t, y, step=0):
   return jnp.concatenate([h, 0.5 * h], axis=-1)
 
 
-def _run(ids, labels, key=0, eta=0.0, method="ddim", cfg=1.0):
+def _run(ids, labels, key=0, eta=0.0, method="ddim", cfg=1.0, clip=False):
   plan = sampler.make_plan(1000, "ddim10")
   return np.asarray(sampler.sample(_toy_model, {"w": 0.7}, jax.random.key(key), jnp.asarray(labels),
                                    jnp.asarray(ids), plan=plan, shape=(4, 4, 1), method=method, eta=eta,
-                                   cfg_scale=cfg, null_class=10))
+                                   cfg_scale=cfg, null_class=10, clip_x0=clip))
 
 
 def test_ddim_eta0_is_deterministic_given_x_T():
@@ -102,8 +102,9 @@ def test_ddim_eta0_is_deterministic_given_x_T():
   np.testing.assert_array_equal(_run([0, 1, 2], [0, 1, 2]), _run([0, 1, 2], [0, 1, 2]))
 
 
-def test_ddim_eta0_matches_numpy_reference():
-  """A slow numpy DDIM (DDIM paper eq. 12, eta=0) over the same respaced schedule and toy model."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta0_matches_numpy_reference(clip):
+  """A slow numpy DDIM (DDIM paper eq. 12, eta=0; ADM clip_denoised optional) over the same respaced schedule."""
   plan = sampler.make_plan(1000, "ddim10")
   acp = plan.schedule.alphas_cumprod
   x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 5), (4, 4, 1)))[None]
@@ -111,9 +112,12 @@ def test_ddim_eta0_matches_numpy_reference():
     t_model = plan.schedule.timestep_map[i]
     eps = np.asarray(_toy_model({"w": 0.7}, jnp.asarray(x), jnp.array([t_model]), jnp.array([2]), position))[..., :1]
     x0 = (x - np.sqrt(1 - acp[i]) * eps) / np.sqrt(acp[i])
+    if clip:
+      x0 = np.clip(x0, -1, 1)
+      eps = (x - np.sqrt(acp[i]) * x0) / np.sqrt(1 - acp[i])
     prev = acp[i - 1] if i > 0 else 1.0
     x = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * eps
-  np.testing.assert_allclose(_run([5], [2], key=3), x, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(_run([5], [2], key=3, clip=clip), x, rtol=1e-4, atol=1e-4)
 
 
 def test_samples_do_not_depend_on_batch_composition():

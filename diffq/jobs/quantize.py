@@ -26,7 +26,7 @@ def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet
   fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   traj = jax.jit(lambda p, lab: calibrate.fp_trajectory(fn, p, jax.random.key(config.calib.seed), lab, plan, shape,
-                                                         s.cfg_scale, model_cfg.num_classes, s.eta))
+                                                         s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0))
   return calibrate.CalibrationSet(traj(jax.device_put(params, parallel.replicated(mesh)), labels), labels, plan,
                                   s.cfg_scale, model_cfg.num_classes)
 

@@ -52,7 +52,8 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mes
 
   def fn(variables, key, labels, ids):
     return sampler.sample(model_fn, variables, key, labels, ids, plan=plan, shape=shape, method=config.method,
-                          eta=config.eta, cfg_scale=config.cfg_scale, null_class=model_cfg.num_classes)
+                          eta=config.eta, cfg_scale=config.cfg_scale, null_class=model_cfg.num_classes,
+                          clip_x0=config.clip_x0)
 
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
