@@ -17,7 +17,6 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffq import sampler
 from diffq.models import dit, layers

@@ -5,7 +5,6 @@ import pytest
 
 from diffq import calibrate, parallel, sampler
 from diffq.models import dit, layers
-from diffq.quant import ops
 
 
 def np_mse_range(x, bits, p=2.4, n=80):

@@ -1,6 +1,5 @@
 """The evaluator classifier: model, training job, export round trip and the committed frozen asset."""
 import json
-import os
 
 import jax
 import numpy as np

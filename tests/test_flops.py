@@ -21,7 +21,7 @@ def jaxpr_dot_macs(cfg):
     for e in jaxpr.eqns:
       if e.primitive.name == "dot_general":
         (lc, rc), (lb, _) = e.params["dimension_numbers"]
-        lhs, rhs = e.invars[0].aval.shape, e.invars[1].aval.shape
+        lhs = e.invars[0].aval.shape
         contract = np.prod([lhs[i] for i in lc])
         out = np.prod(e.outvars[0].aval.shape)
         total += int(out * contract)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from diffq.io import npz
-from diffq.jobs import common, sample
+from diffq.jobs import common, loop, sample
 
 
 def run(config, workdir: str) -> dict:
@@ -17,9 +17,7 @@ def run(config, workdir: str) -> dict:
   model_cfg, params = sample.load_dit(config.source)
   steps = None
   if os.path.isdir(config.source):
-    import orbax.checkpoint as ocp
-    steps = ocp.CheckpointManager(os.path.join(os.path.abspath(config.source), "checkpoints"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True)).latest_step()
+    steps = loop.open_readonly(config.source).latest_step()
   manifest = npz.export_npz(config.dest, jax.device_get(params),
                             metadata=dict(kind="dit_params", model=dataclasses.asdict(model_cfg), steps=steps,
                                           source=os.path.abspath(config.source)))

@@ -19,6 +19,12 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def open_readonly(workdir: str) -> ocp.CheckpointManager:
+  """Read-only manager over workdir/checkpoints (to load a run without touching it)."""
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def restore_latest(mngr: ocp.CheckpointManager, state):
   """The latest checkpoint restored into `state`'s structure and shardings, or `state` if there is none."""
   if mngr.latest_step() is None:

@@ -1,7 +1,6 @@
 """Quantization job: calibrate fake-quant layers on the FP trajectory, then sample and score the quantized DiT."""
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -11,7 +10,7 @@ from absl import logging
 
 from diffq import calibrate, parallel, sampler
 from diffq.jobs import common, sample
-from diffq.models import dit
+from diffq.models import dit, layers
 from diffq.quant import policy
 
 
@@ -31,9 +30,8 @@ def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet
                                   s.cfg_scale, model_cfg.num_classes)
 
 
-def bits_per_weight(model_cfg, params, table, report) -> float:
+def bits_per_weight(params, table) -> float:
   """Average stored bits per weight of all matmul kernels and embeddings (float tables count 32 bits)."""
-  from diffq.models import layers
   total_bits = total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     names = [k.key for k in path]
@@ -61,7 +59,7 @@ def run(config, workdir: str) -> dict:
   result = sample.sample_and_score(config.sample, model_cfg, {"params": params, "quant": quant}, workdir, mesh,
                                    table)
   result.update(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, quant_seconds=quant_seconds,
-                bits_per_weight=bits_per_weight(model_cfg, params, table, report),
+                bits_per_weight=bits_per_weight(params, table),
                 omq_mean_fraction=float(np.mean([v["omq_k"] / v["out_channels"] for v in report.values()]))
                 if report else 0.0)
   common.write_metrics(workdir, result)

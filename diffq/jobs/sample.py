@@ -5,7 +5,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -31,14 +30,15 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
 def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
   import json
   import orbax.checkpoint as ocp
-  cfg_path, ckpt_dir = os.path.join(workdir, "config.json"), os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.exists(cfg_path) or not os.path.isdir(ckpt_dir):
+  from diffq.jobs import loop
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir} is not a diffq training workdir (needs config.json and checkpoints/).")
   with open(cfg_path) as f:
     model_cfg = dit.DiTConfig(**json.load(f)["model"])
-  mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  mngr = loop.open_readonly(workdir)
   if mngr.latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in {ckpt_dir} yet.")
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints yet.")
   state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
   logging.info("Loaded EMA params of %s at step %d.", workdir, mngr.latest_step())
   return model_cfg, jax.device_get(state["ema"])
