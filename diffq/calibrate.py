@@ -111,8 +111,7 @@ def _model_batch(cal: CalibrationSet, step: int):
   t = jnp.full((x.shape[0],), int(cal.plan.model_timesteps[step]), jnp.int32)
   y = cal.labels
   if cal.cfg_scale != 1.0:
-    x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
-    y = jnp.concatenate([y, jnp.full_like(y, cal.null_class)])
+    return sampler.cfg_batch(x, t, y, cal.null_class)
   return x, t, y
 
 

@@ -50,21 +50,28 @@ def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20") -> StepPlan:
   return StepPlan(schedule=sched, steps=steps, kinds=("full",) * len(steps))
 
 
+def cfg_batch(x, t, y, null_class: int):
+  """The classifier-free-guidance network batch: [x; x], [t; t], [y; null] (conditional half first)."""
+  return jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, jnp.full_like(y, null_class)])
+
+
+def cfg_combine(out, channels: int, cfg_scale: float):
+  """Network output on a `cfg_batch` (2N, ..., 2C) -> guided (N, ..., 2C): eps = eps_null + s (eps_cond -
+  eps_null) on the first `channels` channels; the learned-sigma channels come from the conditional half."""
+  cond, uncond = jnp.split(out, 2)
+  eps = uncond[..., :channels] + cfg_scale * (cond[..., :channels] - uncond[..., :channels])
+  return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
+
+
 def guided(model_fn: Callable, params, x, t, y, step, cfg_scale: float, null_class: int):
-  """Classifier-free guidance on eps channels: eps = eps_null + s (eps_cond - eps_null); the learned-sigma
-  channels come from the conditional half. (DiT's forward_with_cfg guides only the first 3 of 4 latent
-  channels; diffq guides all C.)"""
+  """Classifier-free guidance on eps channels (see `cfg_combine`). (DiT's forward_with_cfg guides only the
+  first 3 of 4 latent channels; diffq guides all C.)"""
   if cfg_scale == 1.0:
     return model_fn(params, x, t, y, step)
-  out = model_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                 jnp.concatenate([y, jnp.full_like(y, null_class)]), step)
-  cond, uncond = jnp.split(out, 2)
-  c = x.shape[-1]
-  eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-  return jnp.concatenate([eps, cond[..., c:]], axis=-1)
+  return cfg_combine(model_fn(params, *cfg_batch(x, t, y, null_class), step), x.shape[-1], cfg_scale)
 
 
-def _update(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
+def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
   """x_t -> x_{t-1} for one spaced step `t` (scalar index), from model output `out` (N, H, W, 2C).
 
   clip_x0: clip the predicted x_0 to [-1, 1] (ADM's clip_denoised, right for pixel-space data; DiT's latent
@@ -112,7 +119,7 @@ def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample
     else:
       out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model, i)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
-    return _update(plan.schedule, method, eta, out, x, t, noise, clip_x0), (x if return_trajectory else None)
+    return denoise_step(plan.schedule, method, eta, out, x, t, noise, clip_x0), (x if return_trajectory else None)
 
   x, xs = jax.lax.scan(body, x, (jnp.arange(len(plan.steps)), steps, model_ts, kind_ids))
   return (x, xs) if return_trajectory else x

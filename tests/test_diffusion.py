@@ -94,10 +94,10 @@ def test_ddim_eta0_is_deterministic_given_x_T():
   s = sampler.make_plan(1000, "ddim10").schedule
   x = jax.random.normal(jax.random.key(0), (3, 4, 4, 1))
   out = _toy_model({"w": 0.7}, x, jnp.full((3,), 500), jnp.zeros(3, jnp.int32))
-  a = sampler._update(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(1), x.shape))
-  b = sampler._update(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(2), x.shape))
+  a = sampler.denoise_step(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(1), x.shape))
+  b = sampler.denoise_step(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(2), x.shape))
   np.testing.assert_array_equal(a, b)
-  c = sampler._update(s, "ddim", 1.0, out, x, 5, jax.random.normal(jax.random.key(2), x.shape))
+  c = sampler.denoise_step(s, "ddim", 1.0, out, x, 5, jax.random.normal(jax.random.key(2), x.shape))
   assert np.abs(np.asarray(a - c)).max() > 1e-3
   np.testing.assert_array_equal(_run([0, 1, 2], [0, 1, 2]), _run([0, 1, 2], [0, 1, 2]))
 

@@ -3,28 +3,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from configs import sample as sample_config
 from diffq.io import npz
 from diffq.jobs import sample
-from diffq.models import dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-  """A tiny DiT export with non-zero (perturbed adaLN-Zero) weights, so samples depend on labels."""
-  cfg = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
-  params = jax.device_get(dit.init_params(cfg, jax.random.key(0)))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32), params)
-  path = str(tmp_path_factory.mktemp("export") / "tiny.npz")
-  npz.export_npz(path, params, metadata=dict(kind="dit_params", model=cfg.__dict__))
-  return path
 
 
 def sample_cfg(params, **kw):

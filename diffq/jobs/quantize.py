@@ -1,6 +1,12 @@
-"""Quantization job: calibrate fake-quant layers on the FP trajectory, then sample and score the quantized DiT."""
+"""Quantization job: calibrate (+ OMQ) -> distill (LoRA + TRD) -> export integer codes -> sample -> evaluate.
+
+Every stage leaves its result in the workdir and is skipped when re-run: `calibrated_quant.npz`, the
+distillation's orbax checkpoints (resumed mid-run), `quantized.npz` (packed integer codes + scales). The
+samples are drawn from the re-imported integer export, i.e. from exactly what is shipped.
+"""
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -8,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffq import calibrate, parallel, sampler
-from diffq.jobs import common, sample
-from diffq.models import dit, layers
-from diffq.quant import policy
+from diffq import calibrate, distill, parallel, sampler
+from diffq.io import npz
+from diffq.jobs import common, loop, sample
+from diffq.models import dit
+from diffq.quant import export, policy
 
 
 def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet:
@@ -30,37 +37,83 @@ def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet
                                   s.cfg_scale, model_cfg.num_classes)
 
 
-def bits_per_weight(params, table) -> float:
-  """Average stored bits per weight of all matmul kernels and embeddings (float tables count 32 bits)."""
-  total_bits = total = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    names = [k.key for k in path]
-    if names[-1] not in ("kernel", "embedding"):
-      continue
-    layer = "/".join(names[:-1])
-    pol = layers.resolve_policy(layer, table) if names[-1] == "kernel" else layers.FLOAT
-    total += leaf.size
-    total_bits += leaf.size * (pol.w_bits if pol.kind == "fakequant" else 32)
-  return total_bits / total
+def calibrated_quant(config, model_cfg, params, table, mesh, workdir) -> tuple[dict, dict]:
+  """(`quant` collection, info) from workdir/calibrated_quant.npz, calibrating first if it is missing."""
+  path = os.path.join(workdir, "calibrated_quant.npz")
+  if os.path.exists(path):
+    quant, manifest = npz.import_npz(path)
+    logging.info("Reusing the calibration in %s.", path)
+    return quant, manifest["metadata"]
+  t0 = time.time()
+  cal = calibration_set(config, model_cfg, params, mesh)
+  quant, report = calibrate.calibrate(model_cfg, params, cal, table, tuple(config.quant.omq_fractions),
+                                      config.calib.omq_images_per_step)
+  info = dict(kind="calibrated_quant", seconds=time.time() - t0,
+              omq_k={p: r["omq_k"] for p, r in report.items()},
+              omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in report.values()]))
+              if report else 0.0)
+  logging.info("Calibrated in %.0f s; OMQ k per layer: %s", info["seconds"], info["omq_k"])
+  npz.export_npz(path, jax.device_get(quant), metadata=info)
+  return quant, info
+
+
+def distill_config(config) -> distill.DistillConfig:
+  d = config.distill
+  return distill.DistillConfig(trajectories=d.trajectories, images=d.images, seed=d.seed,
+                               lora_lr_divisor=d.lora_lr_divisor, w_quant_lr=d.w_quant_lr, a_quant_lr=d.a_quant_lr,
+                               weight_decay=d.weight_decay, trd_weight=d.trd_weight, trd_window=d.trd_window,
+                               trd_grad=d.trd_grad)
+
+
+def distilled_quant(config, model_cfg, params, quant, table, mesh, workdir) -> tuple[dict, dict]:
+  """Runs (or resumes) the distillation loop from the calibrated `quant`; returns (quant, metrics)."""
+  s = config.sample
+  plan = sampler.make_plan(s.diffusion_steps, s.spacing)
+  d = distill.Distiller(model_cfg, plan, table, distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,
+                        clip_x0=s.clip_x0)
+  parallel.check_batch_divisible(d.cfg.images, mesh)
+  state, frozen = d.init_state(quant)
+  rep = parallel.replicated(mesh)
+  state, frozen, params = jax.device_put((state, frozen, params), rep)
+  ddir = os.path.join(workdir, "distill")
+  writer = common.metric_writer(ddir)
+  mngr = loop.checkpoint_manager(ddir, config.distill)
+  state = loop.restore_latest(mngr, state)
+  cache = {}
+
+  def batch_at(step):
+    j = step // len(plan.steps)
+    if j not in cache:
+      cache.clear()
+      cache[j] = parallel.shard_batch(d.trajectory_inputs(j), mesh)
+    return (frozen, params, *cache[j])
+
+  logging.info("Distilling %d steps (%d trajectories x %d steps, %d images, TRD weight %g, grad %s).",
+               d.num_steps, d.cfg.trajectories, len(plan.steps), d.cfg.images, d.cfg.trd_weight, d.cfg.trd_grad)
+  state, final, seconds, _ = loop.run(d.jit_step(mesh, state), state, batch_at, mngr=mngr, writer=writer,
+                                      num_steps=d.num_steps, log_every=config.distill.log_every)
+  writer.flush()
+  return jax.device_get(d.merged_quant(state, frozen)), dict(distill_seconds=seconds, **final)
 
 
 def run(config, workdir: str) -> dict:
   model_cfg, params = sample.load_dit(config.params)
   mesh = parallel.make_mesh(config.num_devices or None)
-  table = policy.policy_table(config.quant, len(sampler.make_plan(config.sample.diffusion_steps,
-                                                                  config.sample.spacing).steps))
-  t0 = time.time()
-  cal = calibration_set(config, model_cfg, params, mesh)
-  quant, report = calibrate.calibrate(model_cfg, params, cal, table, tuple(config.quant.omq_fractions),
-                                      config.calib.omq_images_per_step)
-  quant_seconds = time.time() - t0
-  logging.info("Calibrated in %.0f s; OMQ choices: %s", quant_seconds,
-               {k: v["omq_k"] for k, v in report.items()})
-  result = sample.sample_and_score(config.sample, model_cfg, {"params": params, "quant": quant}, workdir, mesh,
-                                   table)
-  result.update(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, quant_seconds=quant_seconds,
-                bits_per_weight=bits_per_weight(params, table),
-                omq_mean_fraction=float(np.mean([v["omq_k"] / v["out_channels"] for v in report.values()]))
-                if report else 0.0)
+  num_steps = len(sampler.make_plan(config.sample.diffusion_steps, config.sample.spacing).steps)
+  table = policy.policy_table(config.quant, num_steps)
+  result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits)
+  quant, info = calibrated_quant(config, model_cfg, params, table, mesh, workdir)
+  result.update(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
+  if config.distill.trajectories:
+    quant, metrics = distilled_quant(config, model_cfg, params, quant, table, mesh, workdir)
+    result.update(metrics)
+  result["quant_seconds"] = result["calib_seconds"] + result["distill_seconds"]
+  path = os.path.join(workdir, "quantized.npz")
+  stats = export.export_quantized(path, model_cfg, params, quant, table,
+                                  metadata=dict(method=config.method, w_bits=config.quant.w_bits,
+                                                a_bits=config.quant.a_bits))
+  result.update(stats)
+  model_cfg, variables, int_table = export.import_quantized(path)
+  result.update(sample.sample_and_score(config.sample, model_cfg, variables, workdir, mesh, int_table))
   common.write_metrics(workdir, result)
   return result

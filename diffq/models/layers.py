@@ -13,6 +13,9 @@ Kinds:
     (`a_steps` entries, selected by the explicit `step` argument);
   * s the SmoothQuant pre-scale per input channel (`smooth`), A B a rank-`lora_rank` LoRA on the FP weight.
   Quantizer state lives in the `quant` collection (shapes below), float weights stay in `params`.
+- ``intweight``: the deployed form of ``fakequant`` (LoRA merged): no float kernel; the `quant` collection holds
+  the integer codes `w_codes` (in, out) and the layer computes Q_a(x / s) dequantize(codes) + b, bit for bit
+  the ``fakequant`` output (see diffq/quant/export.py).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from diffq.quant import ops
 
-KINDS = ("float", "fakequant")
+KINDS = ("float", "fakequant", "intweight")
 GRADS = ("ste", "lsq")
 
 
@@ -47,7 +50,10 @@ class LayerPolicy:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"Unknown layer policy kind {self.kind!r}; expected one of {KINDS}.")
-    if self.kind == "fakequant":
+    if self.kind != "float":
+      if self.kind == "intweight" and self.lora_rank:
+        raise ValueError("An intweight layer stores merged integer codes and has no LoRA; set lora_rank=0 (merge "
+                         "LoRA into the weight before export, see diffq.quant.export).")
       ops.check_bits(self.w_bits, "w_bits")
       if self.a_bits:
         ops.check_bits(self.a_bits, "a_bits")
@@ -93,24 +99,45 @@ def weight_quant_shape(policy: LayerPolicy, in_features: int, out_features: int)
   return (1, out_features)
 
 
-def quantized_weight(kernel, q: dict, policy: LayerPolicy):
-  """Q_w((W + A B) * s[:, None]) for kernel (in, out) and the layer's `quant` variables; returns (in, out)."""
+def effective_weight(kernel, q: dict, policy: LayerPolicy):
+  """(W + A B) * s[:, None], (in, out): the float weight the weight quantizer sees."""
   w = kernel
   if policy.lora_rank:
     w = w + q["lora_a"] @ q["lora_b"]
   if policy.smooth:
     w = w * q["smooth"][:, None]
-  n_in, n_out = w.shape
-  bits = q["w_bits"] if policy.mixed_bits else policy.w_bits
-  gscale = 1.0
-  if policy.grad == "lsq":
-    gscale = 1.0 / math.sqrt(n_in * (2 ** policy.w_bits - 1))
-  if policy.w_group_size:
-    g = policy.w_group_size
-    wq = ops.fake_quant(w.reshape(n_in // g, g, n_out), q["w_scale"], q["w_zero"], ops.qmax_of(bits),
-                        policy.w_symmetric, gscale)
-    return wq.reshape(n_in, n_out)
-  return ops.fake_quant(w, q["w_scale"], q["w_zero"], ops.qmax_of(bits), policy.w_symmetric, gscale)
+  return w
+
+
+def _grouped(w, policy: LayerPolicy):
+  """(in, out) -> (in/g, g, out) for per-group quantizers (the layout of w_scale / w_zero), else unchanged."""
+  g = policy.w_group_size
+  return w.reshape(w.shape[0] // g, g, w.shape[1]) if g else w
+
+
+def _qmax(q: dict, policy: LayerPolicy):
+  return ops.qmax_of(q["w_bits"] if policy.mixed_bits else policy.w_bits)
+
+
+def quantized_weight(kernel, q: dict, policy: LayerPolicy):
+  """Q_w((W + A B) * s[:, None]) for kernel (in, out) and the layer's `quant` variables; returns (in, out)."""
+  w = effective_weight(kernel, q, policy)
+  gscale = 1.0 / math.sqrt(w.shape[0] * (2 ** policy.w_bits - 1)) if policy.grad == "lsq" else 1.0
+  return ops.fake_quant(_grouped(w, policy), q["w_scale"], q["w_zero"], _qmax(q, policy), policy.w_symmetric,
+                        gscale).reshape(w.shape)
+
+
+def weight_codes(kernel, q: dict, policy: LayerPolicy):
+  """Integer codes (in, out) int32 of the weight `quantized_weight` fake-quantizes."""
+  w = effective_weight(kernel, q, policy)
+  return ops.quantize(_grouped(w, policy), q["w_scale"], q["w_zero"], _qmax(q, policy),
+                      policy.w_symmetric).reshape(w.shape)
+
+
+def integer_weight(q: dict, policy: LayerPolicy):
+  """dequantize(w_codes) (in, out): equals `quantized_weight` of the weight the codes came from."""
+  codes = q["w_codes"]
+  return ops.dequantize(_grouped(codes, policy), q["w_scale"], q["w_zero"]).reshape(codes.shape)
 
 
 def quantized_input(x, q: dict, policy: LayerPolicy, step):
@@ -135,12 +162,16 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x, step=0):
     n_in = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init, (n_in, self.features), jnp.float32)
-    if self.policy.kind == "fakequant":
-      q = self._quant_variables(n_in)
-      y = jnp.dot(quantized_input(x, q, self.policy, step), quantized_weight(kernel, q, self.policy))
+    kernel = lambda: self.param("kernel", self.kernel_init, (n_in, self.features), jnp.float32)
+    if self.policy.kind == "float":
+      y = jnp.dot(x, kernel().astype(x.dtype))
     else:
-      y = jnp.dot(x, kernel.astype(x.dtype))
+      q = self._quant_variables(n_in)
+      if self.policy.kind == "fakequant":
+        w = quantized_weight(kernel(), q, self.policy)
+      else:
+        w = integer_weight(q, self.policy)
+      y = jnp.dot(quantized_input(x, q, self.policy, step), w)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     return y
@@ -148,11 +179,13 @@ class Linear(nn.Module):
   def _quant_variables(self, n_in: int) -> dict:
     """The layer's `quant` collection, created with neutral values (calibration overwrites them):
     w_scale/w_zero (see weight_quant_shape), w_bits (1, out) int32 if mixed, smooth (in,), a_scale/a_zero
-    (a_steps,), lora_a (in, r) U(+-1/sqrt(in)), lora_b (r, out) zeros."""
+    (a_steps,), lora_a (in, r) U(+-1/sqrt(in)), lora_b (r, out) zeros; intweight: w_codes (in, out) int32."""
     p, shape = self.policy, weight_quant_shape(self.policy, n_in, self.features)
     var = lambda name, fn: self.variable("quant", name, fn).value
     q = {"w_scale": var("w_scale", lambda: jnp.ones(shape, jnp.float32)),
          "w_zero": var("w_zero", lambda: jnp.zeros(shape, jnp.float32))}
+    if p.kind == "intweight":
+      q["w_codes"] = var("w_codes", lambda: jnp.zeros((n_in, self.features), jnp.int32))
     if p.mixed_bits:
       q["w_bits"] = var("w_bits", lambda: jnp.full((1, self.features), p.w_bits, jnp.int32))
     if p.smooth:

@@ -1,0 +1,197 @@
+"""Data-free distillation of a fake-quant DiT along the FP model's own DDIM trajectory (EfficientDM / MPQ-DM).
+
+One optimiser step per sampling step: at position i of a trajectory (state["step"] % S), the FP and quantized
+networks see the same CFG batch (x_t, t, y); the loss is
+
+    L = sum (eps_q - eps_fp)^2                                        (CFG-combined eps, sum-reduced)
+      + lambda * 1[i % N == N - 1] * L_TRD                            (MPQ-DM eq. TRD, N-step windows)
+    L_TRD = sum_b sum_rows KL(softmax(S_fp) || softmax(S_q)),   S = F^ F^T,   F^ = l2norm(mean_window(F))
+
+with F the last DiT block's output tokens (2B, T, D). The trajectory follows the FP model (teacher forcing):
+x_{t-1} = DDIM(x_t, FP output). Trainable: the `quant` variables of layers that carry LoRA (LoRA A/B,
+weight and per-step activation scales/zeros); the 8-bit boundary layers carry no LoRA and stay frozen.
+
+TRD gradient (`trd_grad`): the released code detaches both features, so TRD never trains (`"none"`
+reproduces that: the term is logged but has zero gradient). `"current"` (default, the spec's option (b)):
+the gradient flows through the current step's quantized features; the window's earlier quantized features
+were produced before the last update and enter as constants.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffq import parallel, sampler
+from diffq.models import dit, layers
+
+TRD_GRADS = ("current", "none")
+LORA, WEIGHT_Q, ACT_Q = ("lora_a", "lora_b"), ("w_scale", "w_zero"), ("a_scale", "a_zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """Static settings of the loop (the numbers are MPQ-DM's released ones unless noted)."""
+  trajectories: int = 100           # optimiser steps = trajectories * plan steps (released: 800 x 20)
+  images: int = 4                   # per trajectory (x2 rows under CFG)
+  seed: int = 3407
+  lora_lr_divisor: float = 2500.0   # LoRA lr = mean weight step size of the layer / divisor
+  w_quant_lr: float = 1e-6
+  a_quant_lr: float = 5e-4
+  weight_decay: float = 0.01
+  trd_weight: float = 100.0         # 0 = EfficientDM (no TRD)
+  trd_window: int = 2
+  trd_grad: str = "current"
+
+  def __post_init__(self):
+    if self.trd_grad not in TRD_GRADS:
+      raise ValueError(f"Unknown trd_grad {self.trd_grad!r}; choose one of {TRD_GRADS}.")
+    if self.trajectories < 1 or self.images < 1 or self.trd_window < 1:
+      raise ValueError(f"trajectories, images and trd_window must be >= 1; got {self}.")
+
+
+def relation_kl(f_fp, f_q):
+  """sum_b sum_i KL(P_fp[b, i] || P_q[b, i]) for features (B, T, D); P = row-softmax of token cosine sims."""
+  def log_relation(f):
+    f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+    return jax.nn.log_softmax(jnp.einsum("btd,bsd->bts", f, f), axis=-1)
+  lp_fp, lp_q = log_relation(f_fp), log_relation(f_q)
+  return jnp.sum(jnp.exp(lp_fp) * (lp_fp - lp_q))
+
+
+def split_trainable(quant: dict, table: layers.PolicyTable) -> tuple[dict, dict]:
+  """(trainable, frozen) flat dicts {path tuple: array} of a `quant` collection (see module docstring)."""
+  flat = flax.traverse_util.flatten_dict(quant)
+  names = LORA + WEIGHT_Q + ACT_Q
+  train = {k: v for k, v in flat.items()
+           if k[-1] in names and layers.resolve_policy("/".join(k[:-1]), table).lora_rank > 0}
+  return train, {k: v for k, v in flat.items() if k not in train}
+
+
+def learning_rates(trainable: dict, cfg: DistillConfig) -> dict:
+  """Per-leaf learning rates: LoRA mean(w_scale of its layer) / divisor, weight quantizer, activation quantizer."""
+  def lr(k):
+    if k[-1] in LORA:
+      return float(jnp.mean(trainable[k[:-1] + ("w_scale",)])) / cfg.lora_lr_divisor
+    return cfg.w_quant_lr if k[-1] in WEIGHT_Q else cfg.a_quant_lr
+  return {k: lr(k) for k in trainable}
+
+
+def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int) -> optax.GradientTransformation:
+  """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`."""
+  def scale_by_leaf_lr():
+    return optax.GradientTransformation(lambda _: optax.EmptyState(),
+                                        lambda u, s, p=None: ({k: -lrs[k] * v for k, v in u.items()}, s))
+  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.add_decayed_weights(cfg.weight_decay),
+                     optax.scale_by_schedule(optax.linear_schedule(1.0, 0.0, total_steps)),
+                     scale_by_leaf_lr())
+
+
+def _keyed(flat: dict) -> dict:
+  """Flat {path tuple: x} -> {"a/b/c": x}: string keys, so orbax can checkpoint the state."""
+  return {"/".join(k): v for k, v in flat.items()}
+
+
+def _unkeyed(flat: dict) -> dict:
+  return {tuple(k.split("/")): v for k, v in flat.items()}
+
+
+class Distiller:
+  """Builds the state and the jitted step of the loop for one model / plan / policy table."""
+
+  def __init__(self, model_cfg: dit.DiTConfig, plan: sampler.StepPlan, table: layers.PolicyTable,
+               cfg: DistillConfig, *, cfg_scale: float, eta: float = 0.0, clip_x0: bool = False):
+    self.model_cfg, self.plan, self.table, self.cfg = model_cfg, plan, tuple(table), cfg
+    if eta != 0.0:
+      raise ValueError(f"Distillation follows the deterministic DDIM trajectory (eta = 0, as MPQ-DM's ImageNet "
+                       f"recipe); got eta={eta}. Set sample.eta=0.")
+    self.cfg_scale, self.clip_x0 = cfg_scale, clip_x0
+    self.num_steps = cfg.trajectories * len(plan.steps)
+    self.shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+    self._lrs = None
+
+  def init_state(self, quant: dict) -> tuple[dict, dict]:
+    """(state, frozen quant vars) from a calibrated `quant` collection."""
+    train, frozen = split_trainable(jax.tree.map(jnp.array, quant), self.table)  # copies: the step donates
+    if not train:
+      raise ValueError("Distillation has nothing to train: no layer of the policy table carries LoRA; set "
+                       "quant.lora_rank > 0.")
+    self._lrs = _keyed(learning_rates(train, self.cfg))
+    train = _keyed(train)
+    rows = self.cfg.images * (2 if self.cfg_scale != 1.0 else 1)
+    feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
+    state = dict(step=jnp.zeros((), jnp.int32), quant=train, opt_state=self.optimizer().init(train),
+                 x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat))
+    return state, _keyed(frozen)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return make_optimizer(self._lrs, self.cfg, self.num_steps)
+
+  def trajectory_inputs(self, trajectory: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x_T (B, H, W, C), labels (B,)) of trajectory `trajectory`: stateless in (seed, trajectory)."""
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), trajectory)
+    k_x, k_y = jax.random.split(key)
+    return (np.asarray(jax.random.normal(k_x, (self.cfg.images, *self.shape))),
+            np.asarray(jax.random.randint(k_y, (self.cfg.images,), 0, self.model_cfg.num_classes)))
+
+  def _forward(self, policies, variables, x, t, y, step):
+    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D)) for one CFG network batch."""
+    model = dit.DiT(config=self.model_cfg, policies=policies)
+    last = f"blocks_{self.model_cfg.depth - 1}"
+    batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
+    out, inter = model.apply(variables, *batch, step=step, mutable=["intermediates"],
+                             capture_intermediates=lambda m, name: m.name == last and name == "__call__")
+    tokens = inter["intermediates"][last]["__call__"][0]
+    if self.cfg_scale != 1.0:
+      out = sampler.cfg_combine(out, self.shape[-1], self.cfg_scale)
+    return out, tokens
+
+  def step(self, state, frozen, params, x_T, labels):
+    """One optimiser step at trajectory position state["step"] % S. Returns (state, metrics)."""
+    cfg, s_len = self.cfg, len(self.plan.steps)
+    i = state["step"] % s_len
+    first = i == 0
+    x = jnp.where(first, x_T, state["x"])
+    acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
+    t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
+    t = jnp.full((x.shape[0],), t_model)
+    out_fp, f_fp = self._forward((), {"params": params}, x, t, labels, i)
+    window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
+
+    def loss_fn(train):
+      quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
+      out_q, f_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i)
+      c = self.shape[-1]
+      mse = jnp.sum((out_q[..., :c] - out_fp[..., :c]) ** 2)
+      if cfg.trd_grad == "none":
+        f_q = jax.lax.stop_gradient(f_q)
+      trd = relation_kl((acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window)
+      return mse + cfg.trd_weight * window_end * trd, (mse, trd, f_q)
+
+    grads, (mse, trd, f_q) = jax.grad(loss_fn, has_aux=True)(state["quant"])
+    updates, opt_state = self.optimizer().update(grads, state["opt_state"], state["quant"])
+    steps = jnp.asarray(self.plan.steps, jnp.int32)
+    x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_fp, x, steps[i], jnp.zeros_like(x),
+                                  self.clip_x0)
+    keep = 1.0 - window_end
+    new = dict(step=state["step"] + 1, quant=optax.apply_updates(state["quant"], updates), opt_state=opt_state,
+               x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + f_q))
+    metrics = dict(loss=mse + cfg.trd_weight * window_end * trd, mse=mse, trd=trd,
+                   grad_norm=optax.tree.norm(grads))
+    return new, metrics
+
+  def merged_quant(self, state, frozen) -> dict:
+    """The full `quant` collection (trained + frozen variables)."""
+    return flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **state["quant"]}))
+
+  def jit_step(self, mesh, state):
+    """Jitted `step`: state, frozen vars and params replicated, trajectory inputs split over 'data'."""
+    rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    state_sh = jax.tree.map(lambda _: rep, state)
+    return jax.jit(self.step, in_shardings=(state_sh, rep, rep, bat, bat), out_shardings=(state_sh, rep),
+                   donate_argnums=(0,))

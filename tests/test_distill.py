@@ -1,0 +1,112 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffq import calibrate, distill, parallel, sampler
+from diffq.models import dit, layers
+
+from tests.test_calibrate import tiny_setup
+
+
+def np_relation_kl(f_fp, f_q):
+  """Slow reference: per image, per row, KL between softmaxes of token cosine similarities."""
+  total = 0.0
+  for a, b in zip(np.asarray(f_fp, np.float64), np.asarray(f_q, np.float64)):
+    sims = [(f / np.linalg.norm(f, axis=1, keepdims=True)) @ (f / np.linalg.norm(f, axis=1, keepdims=True)).T
+            for f in (a, b)]
+    p, q = [np.exp(s) / np.exp(s).sum(1, keepdims=True) for s in sims]
+    total += np.sum(p * np.log(p / q))
+  return total
+
+
+def test_relation_kl_matches_numpy_and_is_zero_for_equal_features():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(3, 5, 4)), rng.normal(size=(3, 5, 4))
+  np.testing.assert_allclose(distill.relation_kl(jnp.asarray(a), jnp.asarray(b)), np_relation_kl(a, b), rtol=1e-4)
+  assert abs(float(distill.relation_kl(jnp.asarray(a), jnp.asarray(2 * a)))) < 1e-6  # scale-invariant
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg, params, cal = tiny_setup(num_images=8)
+  pol = layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=4, smooth=True, lora_rank=4)
+  table = (("x_embedder", layers.LayerPolicy(kind="fakequant", w_bits=8, a_bits=8, a_steps=4)), ("*", pol))
+  quant, _ = calibrate.calibrate(cfg, params, cal, table)
+  return cfg, params, cal.plan, table, quant
+
+
+def make(setup, **kw):
+  cfg, params, plan, table, quant = setup
+  d = distill.Distiller(cfg, plan, table, distill.DistillConfig(trajectories=2, images=8, **kw), cfg_scale=1.5)
+  state, frozen = d.init_state(quant)
+  return d, state, frozen, params
+
+
+def run_steps(d, state, frozen, params, n, mesh):
+  fn = d.jit_step(mesh, state)
+  rep = parallel.replicated(mesh)
+  state, frozen, params = jax.device_put((state, frozen, params), rep)
+  out = []
+  for _ in range(n):
+    x_T, y = d.trajectory_inputs(int(state["step"]) // len(d.plan.steps))
+    state, metrics = fn(state, frozen, params, *parallel.shard_batch((x_T, y), mesh))
+    out.append(jax.device_get(metrics))
+  return jax.device_get(state), out
+
+
+def test_first_step_loss_is_the_eps_error_of_the_guided_models(setup):
+  d, state, frozen, params = make(setup, trd_weight=0.0)
+  cfg, _, plan, table, quant = setup
+  x_T, y = d.trajectory_inputs(0)
+  _, (m,) = run_steps(d, state, frozen, params, 1, parallel.make_mesh(1))
+  t = jnp.full((8,), int(plan.model_timesteps[0]))
+  fp = sampler.guided(lambda p, *a: dit.DiT(config=cfg).apply({"params": p}, *a[:3], step=a[3]), params,
+                      x_T, t, y, 0, 1.5, 10)
+  q = sampler.guided(lambda v, *a: dit.DiT(config=cfg, policies=table).apply(v, *a[:3], step=a[3]),
+                     {"params": params, "quant": quant}, x_T, t, y, 0, 1.5, 10)
+  np.testing.assert_allclose(m["mse"], np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2), rtol=1e-4)
+  assert m["loss"] == m["mse"]
+
+
+def test_only_lora_layers_train_with_the_spec_learning_rates(setup):
+  d, state, frozen, _ = make(setup)
+  keys = set(state["quant"])
+  assert not any(k.startswith("x_embedder/") for k in keys)  # 8-bit boundary: frozen
+  assert {"blocks_0/attn/qkv/lora_a", "blocks_0/attn/qkv/a_scale", "blocks_0/attn/qkv/w_zero"} <= keys
+  assert "blocks_0/attn/qkv/smooth" in frozen
+  w_scale = np.asarray(state["quant"]["blocks_0/attn/qkv/w_scale"])
+  assert d._lrs["blocks_0/attn/qkv/lora_b"] == pytest.approx(w_scale.mean() / 2500)
+  assert d._lrs["blocks_0/attn/qkv/a_zero"] == 5e-4 and d._lrs["blocks_0/attn/qkv/w_scale"] == 1e-6
+
+
+def test_detached_trd_has_no_gradient_and_current_trd_does(setup):
+  """Step 2 closes the first TRD window. Released behaviour (trd_grad='none') trains exactly as without TRD."""
+  mesh = parallel.make_mesh(1)
+  runs = {k: run_steps(*make(setup, **kw), 2, mesh) for k, kw in
+          {"off": dict(trd_weight=0.0), "none": dict(trd_grad="none"), "current": dict()}.items()}
+  a, b, c = (runs[k][0]["quant"] for k in ("off", "none", "current"))
+  diff = lambda u, v: max(float(np.abs(u[k] - v[k]).max()) for k in u)
+  assert diff(a, b) < 1e-3 * diff(a, c)  # 'none' == 'off' up to XLA round-off; 'current' moves the parameters
+  assert runs["none"][1][1]["trd"] > 0 and runs["none"][1][0]["loss"] == runs["none"][1][0]["mse"]
+
+
+def test_distillation_on_8_devices_equals_1_device(setup):
+  s1, m1 = run_steps(*make(setup), 3, parallel.make_mesh(1))
+  s8, m8 = run_steps(*make(setup), 3, parallel.make_mesh(8))
+  for k in s1["quant"]:
+    np.testing.assert_allclose(s8["quant"][k], s1["quant"][k], rtol=1e-5, atol=1e-7, err_msg=k)
+  np.testing.assert_allclose([m["loss"] for m in m8], [m["loss"] for m in m1], rtol=1e-5)
+
+
+def test_bad_settings_are_refused(setup):
+  with pytest.raises(ValueError, match="trd_grad"):
+    distill.DistillConfig(trd_grad="window")
+  cfg, params, plan, _, quant = setup
+  with pytest.raises(ValueError, match="eta"):
+    distill.Distiller(cfg, plan, (), distill.DistillConfig(), cfg_scale=1.5, eta=1.0)
+  no_lora = (("*", layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=4)),)
+  q, _ = calibrate.calibrate(cfg, params, calibrate.CalibrationSet(
+      jnp.zeros((4, 2, 32, 32, 1)), jnp.arange(2), plan, 1.0, 10), no_lora)
+  with pytest.raises(ValueError, match="lora_rank"):
+    distill.Distiller(cfg, plan, no_lora, distill.DistillConfig(), cfg_scale=1.5).init_state(q)

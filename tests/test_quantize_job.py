@@ -1,0 +1,63 @@
+"""The quantization job end to end (calibrate -> distill -> export -> re-import -> sample) on a tiny DiT."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from configs import dit_w2a4
+from diffq import parallel
+from diffq.io import npz
+from diffq.jobs import quantize, sample
+
+
+def job_cfg(params, method="mpqdm", **distill):
+  c = dit_w2a4.get_config(f"quick,method={method}")
+  c.params, c.num_devices = params, 1
+  c.sample.update(num_samples=10, batch_size=10, spacing="ddim4", evaluate=False)
+  c.distill.update(dict(trajectories=2, checkpoint_every=1, keep_checkpoints=10, log_every=1), **distill)
+  return c
+
+
+def test_quick_job_writes_export_samples_and_accounting(tiny_export, tmp_path):
+  out = quantize.run(job_cfg(tiny_export), str(tmp_path))
+  for name in ("calibrated_quant.npz", "quantized.npz", "samples.npz", "grid.png", "metrics.json"):
+    assert (tmp_path / name).exists(), name
+  assert out["w_bits"] == 2 and out["a_bits"] == 4 and out["quant_seconds"] > 0
+  assert out["train_loss"] > 0 and np.isfinite(out["train_loss"])
+  assert 2.0 < out["bits_per_weight"] < 8.0  # W2 body; W8 boundary layers and the float label table raise it
+  assert out["model_bytes"] < os.path.getsize(tiny_export)
+
+
+def test_killed_distillation_resumes_to_the_same_result(tiny_export, tmp_path):
+  straight = quantize.run(job_cfg(tiny_export), str(tmp_path / "a"))
+  ckpts = tmp_path / "a" / "distill" / "checkpoints"
+  assert sorted(int(p) for p in os.listdir(ckpts) if p.isdigit())[-1] == 8
+  for step in (5, 6, 7, 8):  # "kill" after step 4: drop the later checkpoints and the job's outputs
+    shutil.rmtree(ckpts / str(step))
+  for name in ("quantized.npz", "quantized.json", "metrics.json", "samples.npz"):
+    os.remove(tmp_path / "a" / name)
+  resumed = quantize.run(job_cfg(tiny_export), str(tmp_path / "a"))
+  assert resumed["train_loss"] == straight["train_loss"]
+  a = npz.import_npz(str(tmp_path / "a" / "quantized.npz"))[0]
+  b = quantize.run(job_cfg(tiny_export), str(tmp_path / "b"))  # an independent straight run
+  assert b["train_loss"] == straight["train_loss"]
+  c = npz.import_npz(str(tmp_path / "b" / "quantized.npz"))[0]
+  flat_a, flat_c = npz.flatten(a), npz.flatten(c)
+  assert all(np.array_equal(flat_a[k], flat_c[k]) for k in flat_a)
+
+
+def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export, tmp_path):
+  out = quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))
+  assert out["distill_seconds"] == 0.0 and not (tmp_path / "distill").exists()
+  with np.load(tmp_path / "samples.npz") as f:
+    shipped = f["arr_0"]
+  from diffq.quant import export
+  model_cfg, variables, table = export.import_quantized(str(tmp_path / "quantized.npz"))
+  again, _ = sample.generate(job_cfg(tiny_export).sample, model_cfg, variables, parallel.make_mesh(1), table)
+  np.testing.assert_array_equal(again, shipped)
+
+
+def test_unknown_method_is_refused():
+  with pytest.raises(ValueError, match="Unknown method"):
+    dit_w2a4.get_config("method=mpq")
