@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -56,13 +57,15 @@ def _asym_params(lo, hi, qmax):
 
 
 def mse_range(x, bits, reduce_axes: tuple[int, ...], num_candidates: int = NUM_CANDIDATES, p: float = NORM_P,
-              symmetric: bool = False):
+              symmetric: bool = False, bounds=None):
   """(scale, zero) minimising mean |x - Q(x)|^p over `reduce_axes` (kept as size-1 dims), per remaining index.
 
-  `bits` is an int or an int array broadcastable to the kept shape (per-channel bit vectors)."""
+  `bits` is an int or an int array broadcastable to the kept shape (per-channel bit vectors). `bounds` (lo, hi)
+  overrides the min/max of `x` (when `x` is a subsample of the tensor whose range is searched)."""
   qmax = ops.qmax_of(bits)
-  lo0 = jnp.min(x, axis=reduce_axes, keepdims=True)
-  hi0 = jnp.max(x, axis=reduce_axes, keepdims=True)
+  if bounds is None:
+    bounds = jnp.min(x, axis=reduce_axes, keepdims=True), jnp.max(x, axis=reduce_axes, keepdims=True)
+  lo0, hi0 = bounds
 
   def candidate(carry, i):
     best_err, best_s, best_z = carry
@@ -134,16 +137,22 @@ def input_absmax(model_cfg: dit.DiTConfig, params, cal: CalibrationSet) -> dict[
 
 
 def activation_ranges(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, a_bits: dict[str, int],
-                      smooth: dict[str, jax.Array]) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """Per layer in `a_bits`: MSE-searched per-tensor (scale, zero) of input / smooth, one pair per step (S,)."""
+                      smooth: dict[str, jax.Array], sample_size: int = 16384) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Per layer in `a_bits`: MSE-searched per-tensor (scale, zero) of input / smooth, one pair per step (S,).
+
+  The range candidates span the full tensor's [min, max]; their error is scored on `sample_size` entries drawn
+  at random (fixed key) when the tensor is larger (0 = score on every entry)."""
   model = dit.DiT(config=model_cfg)
 
   def fn(x, t, y):
     _, inputs = capture_layer_inputs(model, {"params": params}, x, t, y)
     out = {}
     for p, bits in a_bits.items():
-      a = inputs[p] / smooth[p] if p in smooth else inputs[p]
-      s, z = mse_range(a, bits, tuple(range(a.ndim)))
+      a = (inputs[p] / smooth[p] if p in smooth else inputs[p]).reshape(-1)
+      bounds = jnp.min(a, keepdims=True), jnp.max(a, keepdims=True)
+      if 0 < sample_size < a.size:
+        a = a[jax.random.randint(jax.random.key(0), (sample_size,), 0, a.size)]
+      s, z = mse_range(a, bits, (0,), bounds=bounds)
       out[p] = (s.reshape(()), z.reshape(()))
     return out
 
@@ -168,10 +177,12 @@ def layer_input_samples(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, p
   return {p: jnp.concatenate([r[p] for r in per_step]) for p in paths}
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def weight_ranges(kernel, policy: layers.LayerPolicy, smooth=None, bits=None):
-  """MSE-searched (scale, zero) of the (smoothed) kernel (in, out), per output channel or per input group."""
+  """MSE-searched (scale, zero) of the (smoothed) kernel (in, out), per output channel or per input group;
+  `bits` (1, out) per-channel widths (default: policy.w_bits everywhere, through the same array code path)."""
   w = kernel if smooth is None else kernel * smooth[:, None]
-  bits = policy.w_bits if bits is None else bits
+  bits = jnp.full((1, w.shape[1]), policy.w_bits, jnp.int32) if bits is None else bits
   if policy.w_group_size:
     n_in, n_out = w.shape
     w = w.reshape(n_in // policy.w_group_size, policy.w_group_size, n_out)
@@ -188,7 +199,7 @@ def quant_template(model_cfg: dit.DiTConfig, table: layers.PolicyTable) -> dict:
 
 def calibrate(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, table: layers.PolicyTable,
               omq_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
-              omq_images_per_step: int = 2) -> tuple[dict, dict]:
+              omq_images_per_step: int = 2, act_sample_size: int = 16384) -> tuple[dict, dict]:
   """(`quant` collection for `table`, report). Sets smoothing scales, OMQ bit vectors (mixed_bits layers:
   k searched over `omq_fractions` of output channels), weight (scale, zero) by MSE search for the final bits,
   and per-step activation (scale, zero). LoRA stays at its initialisation (B = 0: merged weight = FP weight).
@@ -202,7 +213,7 @@ def calibrate(model_cfg: dit.DiTConfig, params, cal: CalibrationSet, table: laye
     smooth = {p: smooth_scale(absmax[p], jnp.max(jnp.abs(_tree_get(params, p)["kernel"]), axis=1))
               for p, pol in policies.items() if pol.smooth}
   acts = activation_ranges(model_cfg, params, cal, {p: pol.a_bits for p, pol in policies.items() if pol.a_bits},
-                           smooth)
+                           smooth, act_sample_size)
   mixed = [p for p, pol in policies.items() if pol.mixed_bits]
   samples = layer_input_samples(model_cfg, params, cal, mixed, omq_images_per_step) if mixed else {}
   report = {}

@@ -47,7 +47,7 @@ def calibrated_quant(config, model_cfg, params, table, mesh, workdir) -> tuple[d
   t0 = time.time()
   cal = calibration_set(config, model_cfg, params, mesh)
   quant, report = calibrate.calibrate(model_cfg, params, cal, table, tuple(config.quant.omq_fractions),
-                                      config.calib.omq_images_per_step)
+                                      config.calib.omq_images_per_step, config.calib.act_sample_size)
   info = dict(kind="calibrated_quant", seconds=time.time() - t0,
               omq_k={p: r["omq_k"] for p, r in report.items()},
               omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in report.values()]))
