@@ -43,7 +43,7 @@ def get_config(arg=None):
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.
-  c.distill = dict(trajectories=200 if m["lora"] else 0, images=4, seed=3407, lora_lr_divisor=2500.0,
+  c.distill = dict(trajectories=150 if m["lora"] else 0, images=4, seed=3407, lora_lr_divisor=2500.0,
                    w_quant_lr=1e-6, a_quant_lr=5e-4, weight_decay=0.01, trd_weight=100.0 if m["trd"] else 0.0,
                    trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50)
   c.sample = sample_config.get_config("quick" if arg.quick else None)

@@ -1,6 +1,6 @@
 """Class-conditional sampling from a DiT export -> samples.npz (ADM format), a PNG grid, metrics.json.
 
-  python main.py --config=configs/sample.py --config.num_samples=1000 --workdir=/tmp/sample
+  python main.py --config=configs/sample.py --workdir=/tmp/sample     # experiments/PROTOCOL.md sample set
 """
 from diffq import configlib
 
@@ -11,7 +11,7 @@ def get_config(arg=None):
   c.job = "sample"
   c.seed = 0
   c.params = "diffq/assets/dit_fm_ema.npz"  # a diffq numpy export with a dit_params manifest
-  c.num_samples = 1000                     # class-balanced: labels = arange(N) % num_classes
+  c.num_samples = 5000                     # the protocol N; class-balanced: labels = arange(N) % num_classes
   c.batch_size = 250
   c.diffusion_steps = 1000
   c.spacing = "ddim20"                     # respacing: "ddimN", "N" or "a,b,c" section counts

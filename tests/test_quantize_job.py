@@ -61,3 +61,24 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="Unknown method"):
     dit_w2a4.get_config("method=mpq")
+
+
+def test_a_keep_8bit_pattern_that_matches_nothing_is_refused(tiny_export, tmp_path):
+  c = job_cfg(tiny_export)
+  c.quant.keep_8bit = "x_embeder,final_layer/*"
+  with pytest.raises(ValueError, match="'x_embeder' matches no layer"):
+    quantize.run(c, str(tmp_path))
+
+
+@pytest.mark.parametrize("method", sorted(dit_w2a4.METHODS))
+@pytest.mark.parametrize("w,a", [(2, 4), (3, 4), (4, 4), (4, 8), (8, 8)])
+def test_every_grid_config_builds_a_policy_table_or_a_clear_error(method, w, a):
+  from diffq.quant import policy
+  c = dit_w2a4.get_config(f"w={w},a={a},method={method}")
+  if w == 8 and c.quant.omq:
+    with pytest.raises(ValueError, match="w_bits must be 2..7"):
+      policy.policy_table(c.quant, 20)
+    return
+  body = dict(policy.policy_table(c.quant, 20))["*"]
+  assert (body.w_bits, body.a_bits, body.mixed_bits, body.lora_rank > 0) == (w, a, c.quant.omq, method != "uniform")
+  assert (c.distill.trd_weight > 0) == (method in ("trd", "mpqdm"))

@@ -17,7 +17,7 @@ from absl import logging
 from diffq import calibrate, distill, parallel, sampler
 from diffq.io import npz
 from diffq.jobs import common, loop, sample
-from diffq.models import dit
+from diffq.models import dit, layers
 from diffq.quant import export, policy
 
 
@@ -101,6 +101,8 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   num_steps = len(sampler.make_plan(config.sample.diffusion_steps, config.sample.spacing).steps)
   table = policy.policy_table(config.quant, num_steps)
+  layer_paths = sorted({k.rsplit("/", 1)[0] for k in npz.flatten(calibrate.quant_template(model_cfg, table))})
+  layers.check_policy_table(table, layer_paths)  # a mistyped keep_8bit pattern would silently match nothing
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits)
   quant, info = calibrated_quant(config, model_cfg, params, table, mesh, workdir)
   result.update(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
