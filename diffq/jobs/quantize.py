@@ -116,6 +116,7 @@ def run(config, workdir: str) -> dict:
                                                 a_bits=config.quant.a_bits))
   result.update(stats)
   model_cfg, variables, int_table = export.import_quantized(path)
-  result.update(sample.sample_and_score(config.sample, model_cfg, variables, workdir, mesh, int_table))
+  result.update(sample.sample_and_score(config.sample, model_cfg, variables, workdir, mesh, int_table),
+                params=sum(int(np.size(x)) for x in jax.tree.leaves(params)))  # weights of the model, not the file
   common.write_metrics(workdir, result)
   return result
