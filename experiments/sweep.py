@@ -2,7 +2,8 @@
 
   python experiments/sweep.py experiments/sweeps/fp_cfg.py [--runs_root=runs/sweeps] [--only=name,...]
 
-A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides), `COLUMNS`
+A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides, and optionally
+`workdir`: a run directory relative to the runs root, to share an identical run with another sweep), `COLUMNS`
 (metrics.json keys for the table) and optionally `PARETO` ((x_key, y_key) pairs). Finished runs (metrics.json
 present) are skipped, so an interrupted sweep resumes where it stopped. Results go to
 experiments/results/<NAME>.md/.csv (each row with the exact command that produced it) and <NAME>_<y>_vs_<x>.png.
@@ -37,6 +38,10 @@ def load_sweep(path: str):
   return module
 
 
+def run_dir(sweep, run: dict, runs_root: str) -> str:
+  return os.path.join(runs_root, run.get("workdir", os.path.join(sweep.NAME, run["name"])))
+
+
 def command(run: dict, workdir: str) -> list[str]:
   return ["python", "main.py", f"--config={run['config']}", f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in run.get("overrides", {}).items()]]
@@ -46,7 +51,7 @@ def run_all(sweep, runs_root: str, only: set[str] | None) -> None:
   todo = [r for r in sweep.RUNS if not only or r["name"] in only]
   t0, done = time.time(), 0
   for i, run in enumerate(todo):
-    workdir = os.path.join(runs_root, sweep.NAME, run["name"])
+    workdir = run_dir(sweep, run, runs_root)
     if os.path.exists(os.path.join(workdir, "metrics.json")):
       print(f"[{i + 1}/{len(todo)}] {run['name']}: done, skipping", flush=True)
       continue
@@ -59,21 +64,21 @@ def run_all(sweep, runs_root: str, only: set[str] | None) -> None:
       raise SystemExit(f"Run {run['name']} failed (exit {rc}); see {workdir}/log.txt. Re-run the sweep to resume.")
     done += 1
     rate = (time.time() - t0) / done
-    left = sum(1 for r in todo[i + 1:] if not os.path.exists(
-        os.path.join(runs_root, sweep.NAME, r["name"], "metrics.json")))
+    left = sum(1 for r in todo[i + 1:] if not os.path.exists(os.path.join(run_dir(sweep, r, runs_root),
+                                                                           "metrics.json")))
     print(f"    finished in {rate:.0f}s/run on average; ETA {left * rate / 60:.1f} min", flush=True)
 
 
 def collect(sweep, runs_root: str) -> list[dict]:
   rows = []
   for run in sweep.RUNS:
-    path = os.path.join(runs_root, sweep.NAME, run["name"], "metrics.json")
+    path = os.path.join(run_dir(sweep, run, runs_root), "metrics.json")
     if os.path.exists(path):
       with open(path) as f:
         metrics = json.load(f)
       rows.append({"name": run["name"], **{c: metrics.get(c) for c in sweep.COLUMNS},
                    "command": shlex.join(command(run, os.path.relpath(
-                       os.path.join(runs_root, sweep.NAME, run["name"]), ROOT)))})
+                       run_dir(sweep, run, runs_root), ROOT)))})
   return rows
 
 

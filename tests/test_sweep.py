@@ -18,7 +18,9 @@ def test_sweep_runs_skips_finished_and_collects(tmp_path, monkeypatch):
   spec.write_text('"""Tiny sweep."""\nNAME = "tiny_sweep"\nCOLUMNS = ["num_samples", "seconds"]\n'
                   'PARETO = [("seconds", "num_samples")]\n'
                   'RUNS = [dict(name="a", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 1}),\n'
-                  '        dict(name="b", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 2})]\n')
+                  '        dict(name="b", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 2}),\n'
+                  '        dict(name="c", config="configs/train_dit_fm.py:tiny", overrides={"num_steps": 2},\n'
+                  '             workdir="tiny_sweep/b")]\n')
   monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
   runs = tmp_path / "runs"
   # "b" is already finished: the harness must not run it again
@@ -30,10 +32,10 @@ def test_sweep_runs_skips_finished_and_collects(tmp_path, monkeypatch):
              % (ROOT, str(tmp_path / "results"), str(spec), str(runs))]
   out = subprocess.run(env_cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "b: done, skipping" in out.stdout
+  assert "b: done, skipping" in out.stdout and "c: done, skipping" in out.stdout  # c shares b's run
   assert json.load(open(runs / "tiny_sweep" / "a" / "metrics.json"))["steps"] == 1
   rows = sweep.collect(mod, str(runs))
-  assert [r["name"] for r in rows] == ["a", "b"] and rows[1]["num_samples"] == 7
+  assert [r["name"] for r in rows] == ["a", "b", "c"] and rows[1]["num_samples"] == rows[2]["num_samples"] == 7
   table = (tmp_path / "results" / "tiny_sweep.md").read_text()
   assert "--config.num_steps=1" in table and (tmp_path / "results" / "tiny_sweep.csv").exists()
   assert (tmp_path / "results" / "tiny_sweep_num_samples_vs_seconds.png").exists()
