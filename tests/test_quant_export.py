@@ -1,14 +1,16 @@
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffq import calibrate, sampler
+from diffq import calibrate, parallel, sampler
 from diffq.io import npz
+from diffq.jobs import sample
 from diffq.models import dit, layers
-from diffq.quant import export
+from diffq.quant import export, pack
 
 CFG = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
 PARAMS = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape),
@@ -49,19 +51,34 @@ def batch():
   return jax.random.normal(k, (4, 32, 32, 1)), jnp.array([10, 500, 900, 999]), jnp.array([0, 3, 7, 10])
 
 
+def shapes(tree):
+  return jax.tree.map(lambda a: (np.shape(a), np.asarray(a).dtype), tree)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_export_import_reproduces_the_fakequant_model_bit_for_bit(case, tmp_path):
+def test_integer_model_and_its_export_reproduce_the_fakequant_model_bit_for_bit(case, tmp_path):
   table, quant = quantized_model(case)
+  x, t, y = batch()
+  fake = dit.DiT(config=CFG, policies=table).apply({"params": PARAMS, "quant": quant}, x, t, y, step=1)
+  int_model = dit.DiT(config=CFG, policies=export.intweight_table(table))
+  quant_int = export.integer_codes(PARAMS, quant, table)
+  template = int_model.init(jax.random.key(0), x[:1], t[:1], y[:1])
+  assert shapes(quant_int) == shapes(template["quant"])  # exactly the variables the intweight Linear creates
+  direct = int_model.apply({"params": PARAMS, "quant": quant_int}, x, t, y, step=1)
+  np.testing.assert_array_equal(np.asarray(direct), np.asarray(fake))
+
   path = str(tmp_path / "q.npz")
   stats = export.export_quantized(path, CFG, PARAMS, quant, table)
   cfg, variables, int_table = export.import_quantized(path)
-  x, t, y = batch()
-  fake = dit.DiT(config=CFG, policies=table).apply({"params": PARAMS, "quant": quant}, x, t, y, step=1)
+  assert cfg == CFG and int_table == export.intweight_table(table)
+  assert shapes(variables) == shapes(template)  # no float kernel of a quantized layer is stored
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["quant"]), jax.tree.leaves(quant_int)))
   real = dit.DiT(config=cfg, policies=int_table).apply(variables, x, t, y, step=1)
   np.testing.assert_array_equal(np.asarray(real), np.asarray(fake))
   flat = npz.flatten(npz.import_npz(path)[0])
   assert "params/blocks_0/mlp/fc1/kernel" not in flat and "params/x_embedder/kernel" not in flat
   assert "params/y_embedder/embedding_table/embedding" in flat and "quant/blocks_0/mlp/fc1/lora_a" not in flat
+  assert stats["model_bytes"] == stats["code_bytes"] + stats["scale_bytes"] + stats["float_bytes"]
   assert stats["model_bytes"] < stats["fp_model_bytes"] / 2
 
 
@@ -70,7 +87,12 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
   stats = export.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
   flat = npz.flatten(npz.import_npz(str(tmp_path / "q.npz"))[0])
   bits = quant["blocks_1"]["mlp"]["fc2"]["w_bits"].reshape(-1)
-  assert flat["quant/blocks_1/mlp/fc2/w_packed"].size == sum(-(-128 * int(b) // 8) for b in bits)
+  codes = np.asarray(export.integer_codes(PARAMS, quant, table)["blocks_1"]["mlp"]["fc2"]["w_codes"])
+  row_bytes = [-(-codes.shape[0] * int(b) // 8) for b in bits]  # each output channel: ceil(bits * in / 8) bytes
+  packed, offsets = flat["quant/blocks_1/mlp/fc2/w_packed"], np.cumsum([0] + row_bytes)
+  assert packed.size == offsets[-1] and set(bits.tolist()) == {1, 2, 3}
+  for c, b in enumerate(bits):
+    np.testing.assert_array_equal(packed[offsets[c]:offsets[c + 1]], pack.pack(codes[:, c], int(b)))
   # Expected mean stored bits over every matmul kernel + embedding: x_embedder at 8, float label table at 32.
   total = bits_sum = 0
   for p in export._layer_paths(quant):
@@ -87,12 +109,9 @@ def test_reimported_model_draws_identical_samples(tmp_path):
   export.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
   cfg, variables, int_table = export.import_quantized(str(tmp_path / "q.npz"))
   plan = sampler.make_plan(1000, "ddim2")
-
-  def draw(policies, v):
-    model = dit.DiT(config=cfg, policies=policies)
-    fn = lambda vv, x, t, y, step: model.apply(vv, x, t, y, step=step)
-    return jax.jit(lambda vv: sampler.sample(fn, vv, jax.random.key(0), jnp.arange(6) % 10, jnp.arange(6),
-                                             plan=plan, shape=(32, 32, 1), cfg_scale=2.0, null_class=10))(v)
+  sample_cfg = types.SimpleNamespace(method="ddim", eta=0.0, cfg_scale=2.0, clip_x0=True)
+  draw = lambda policies, v: sample.make_sample_fn(cfg, plan, sample_cfg, parallel.make_mesh(1), policies)(
+      v, jax.random.key(0), jnp.arange(6) % 10, jnp.arange(6))
 
   a = draw(table, {"params": PARAMS, "quant": quant})
   b = draw(int_table, variables)
@@ -110,3 +129,16 @@ def test_bad_inputs_are_refused(tmp_path):
   int_table = export.intweight_table(table)
   assert all(pol.kind == "intweight" and pol.lora_rank == 0 for _, pol in int_table)
   assert dataclasses.replace(int_table[1][1], kind="fakequant") == table[1][1]
+  with pytest.raises(ValueError, match="come from a fakequant model"):
+    export.integer_codes(PARAMS, quant, int_table)
+  path = str(tmp_path / "q.npz")
+  export.export_quantized(path, CFG, PARAMS, quant, table)
+  tree, manifest = npz.import_npz(path)
+  tree["quant"]["blocks_0"]["mlp"]["fc1"]["w_packed"] = tree["quant"]["blocks_0"]["mlp"]["fc1"]["w_packed"][:-1]
+  npz.export_npz(path, tree, manifest["metadata"])
+  with pytest.raises(ValueError, match="quantized layer blocks_0/mlp/fc1 is malformed.*needs 1024 bytes"):
+    export.import_quantized(path)
+  del tree["quant"]["blocks_1"]
+  npz.export_npz(path, tree, manifest["metadata"])
+  with pytest.raises(ValueError, match="malformed quantized DiT export"):
+    export.import_quantized(path)

@@ -1,11 +1,13 @@
 """Deployable export of a fake-quant DiT: packed integer weight codes + scales, and its exact re-import.
 
-Per quantized layer the npz holds `w_packed` (uint8): output channel c's `in` codes packed at that channel's bit
-width (symmetric codes offset by 2^(b-1) to be unsigned), each channel starting on a byte boundary, channels
-in order; plus `w_scale`, `w_zero` (rounded, as used), `w_bits` (mixed precision), `smooth`, `a_scale`,
-`a_zero`. Float kernels of quantized layers are not stored; LoRA is merged into the codes. Everything else
-(biases, the label table, float layers) stays float32 under `params/`. The manifest metadata holds the DiT
-config, the policy table and each quantized layer's (in, out).
+`integer_codes` turns a fake-quant model's `quant` collection into its `intweight` form (w_codes of the merged,
+smoothed weight). Per quantized layer the npz holds `w_packed` (uint8): output channel c's `in` codes packed at
+that channel's bit width (symmetric codes offset by 2^(b-1) to be unsigned), each channel starting on a byte
+boundary, channels in order (the byte offsets follow from the bit widths, so they are not stored); plus
+`w_scale`, `w_zero` (rounded, as used), `w_bits` (mixed precision), `smooth`, `a_scale`, `a_zero`. Float kernels
+of quantized layers are not stored; LoRA is merged into the codes. Everything else (biases, the label table,
+float layers) stays float32 under `params/`. The manifest metadata holds the DiT config, the policy table and
+each quantized layer's (in, out).
 
 Re-import gives an `intweight` model whose outputs equal the fake-quant model's bit for bit.
 """
@@ -19,7 +21,7 @@ import numpy as np
 
 from diffq.io import npz
 from diffq.models import dit, layers
-from diffq.quant import pack
+from diffq.quant import ops, pack
 
 KIND = "dit_quantized"
 STORED = ("w_scale", "w_zero", "w_bits", "smooth", "a_scale", "a_zero")
@@ -45,20 +47,32 @@ def _channel_bits(q: dict, pol: layers.LayerPolicy, n_out: int) -> np.ndarray:
   return np.asarray(q["w_bits"]).reshape(-1) if pol.mixed_bits else np.full(n_out, pol.w_bits)
 
 
-def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: layers.PolicyTable,
-                     metadata: dict | None = None) -> dict:
-  """Writes the export; returns stats: bits_per_weight (stored bits per matmul/embedding weight; float ones
-  count 32), model_bytes (all stored arrays), code_bytes, fp_model_bytes (the float32 params)."""
-  params, quant = jax.device_get(params), jax.device_get(quant)
-  flat = {"params/" + k: np.asarray(v) for k, v in npz.flatten(params).items()}
-  shapes, code_bits, n_quantized = {}, 0, 0
+def integer_codes(params, quant, table: layers.PolicyTable) -> dict:
+  """The `quant` collection of the `intweight_table(table)` model: per quantized layer its variables without
+  lora_a/lora_b, plus w_codes (in, out) int32, the codes of the weight the fakequant forward quantizes."""
+  flat = {}
   for p in _layer_paths(quant):
     pol, q = layers.resolve_policy(p, table), _get(quant, p)
     if pol.kind != "fakequant":
-      raise ValueError(f"Layer {p} has policy kind {pol.kind!r}; export_quantized expects the fakequant model.")
-    kernel = _get(params, p)["kernel"]
-    codes = np.asarray(layers.weight_codes(kernel, q, pol))
-    bits = _channel_bits(q, pol, kernel.shape[1])
+      raise ValueError(f"Layer {p} has policy kind {pol.kind!r}; integer codes come from a fakequant model.")
+    flat.update({f"{p}/{k}": v for k, v in q.items() if k not in ("lora_a", "lora_b")})
+    flat[f"{p}/w_codes"] = layers.weight_codes(_get(params, p)["kernel"], q, pol)
+  return npz.unflatten(flat)
+
+
+def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: layers.PolicyTable,
+                     metadata: dict | None = None) -> dict:
+  """Writes the export; returns stats: bits_per_weight (stored bits per matmul/embedding weight; float ones
+  count 32), model_bytes (all stored arrays) = code_bytes (packed codes) + scale_bytes (other quantizer arrays)
+  + float_bytes (float params), fp_model_bytes (the float32 params of the fake-quant model)."""
+  params = jax.device_get(params)
+  quant_int = jax.device_get(integer_codes(params, jax.device_get(quant), table))
+  flat = {"params/" + k: np.asarray(v) for k, v in npz.flatten(params).items()}
+  shapes, code_bits, n_quantized = {}, 0, 0
+  for p in _layer_paths(quant_int):
+    pol, q = layers.resolve_policy(p, table), _get(quant_int, p)
+    codes = np.asarray(q["w_codes"])
+    bits = _channel_bits(q, pol, codes.shape[1])
     if pol.w_symmetric:
       codes = codes + (1 << (bits - 1))[None, :]
     flat[f"quant/{p}/w_packed"], _ = pack.pack_rows(codes.T, bits)
@@ -66,18 +80,34 @@ def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: 
       if name in q:
         flat[f"quant/{p}/{name}"] = np.round(q[name]) if name == "w_zero" else np.asarray(q[name])
     del flat[f"params/{p}/kernel"]
-    shapes[p] = list(kernel.shape)
-    code_bits += int(bits.sum()) * kernel.shape[0]
-    n_quantized += kernel.size
+    shapes[p] = list(codes.shape)
+    code_bits += int(bits.sum()) * codes.shape[0]
+    n_quantized += codes.size
   float_weights = sum(v.size for k, v in flat.items() if k.startswith("params/") and k.endswith(("kernel",
                                                                                                  "embedding")))
   meta = dict(metadata or {}, kind=KIND, model=dataclasses.asdict(model_cfg), layers=shapes,
               policies=[[pat, dataclasses.asdict(pol)] for pat, pol in table])
   npz.export_npz(path, npz.unflatten(flat), metadata=meta)
+  nbytes = lambda keep: sum(v.nbytes for k, v in flat.items() if keep(k))
   return dict(bits_per_weight=(code_bits + 32 * float_weights) / (n_quantized + float_weights),
-              model_bytes=sum(v.nbytes for v in flat.values()),
-              code_bytes=sum(v.nbytes for k, v in flat.items() if k.endswith("w_packed")),
+              model_bytes=nbytes(lambda k: True), code_bytes=nbytes(lambda k: k.endswith("/w_packed")),
+              scale_bytes=nbytes(lambda k: k.startswith("quant/") and not k.endswith("/w_packed")),
+              float_bytes=nbytes(lambda k: k.startswith("params/")),
               fp_model_bytes=sum(4 * np.size(v) for v in jax.tree.leaves(params)))
+
+
+def _decode(packed: np.ndarray, q: dict, pol: layers.LayerPolicy, n_in: int, n_out: int) -> np.ndarray:
+  """w_packed bytes -> w_codes (n_in, n_out) int32 (the inverse of the packing in `export_quantized`)."""
+  if pol.kind != "intweight":
+    raise ValueError(f"the policy table resolves it to kind {pol.kind!r}, not a quantized kind")
+  bits = _channel_bits(q, pol, n_out)
+  ops.check_bits(bits, "w_bits")
+  offsets = np.concatenate([[0], np.cumsum(-(-n_in * bits // 8))])
+  if bits.shape != (n_out,) or packed.size != offsets[-1]:
+    raise ValueError(f"{packed.size} code bytes and {bits.size} channel bit widths; its ({n_in}, {n_out}) weight "
+                     f"needs {offsets[-1]} bytes and {n_out} widths")
+  shift = (1 << (bits - 1)) if pol.w_symmetric else np.zeros_like(bits)
+  return (pack.unpack_rows(packed, offsets, bits, n_in).T - shift[None, :]).astype(np.int32)
 
 
 def import_quantized(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
@@ -87,16 +117,20 @@ def import_quantized(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
   if meta.get("kind") != KIND:
     raise ValueError(f"{path} is not a quantized DiT export (manifest kind={meta.get('kind')!r}); write one with "
                      "diffq.quant.export.export_quantized (the quantize job does).")
-  table = intweight_table(tuple((pat, layers.LayerPolicy(**pol)) for pat, pol in meta["policies"]))
-  quant = tree.get("quant", {})
-  for p, (n_in, n_out) in meta["layers"].items():
-    q, pol = _get(quant, p), layers.resolve_policy(p, table)
-    bits = _channel_bits(q, pol, n_out)
-    row_bytes = -(-n_in * bits // 8)
-    offsets = np.concatenate([[0], np.cumsum(row_bytes)])
-    packed = q.pop("w_packed")
-    if packed.size != offsets[-1]:
-      raise ValueError(f"{path}: layer {p} holds {packed.size} code bytes, its bit widths need {offsets[-1]}.")
-    codes = pack.unpack_rows(packed, offsets, bits, n_in).T.astype(np.int32)
-    q["w_codes"] = codes - (1 << (bits - 1))[None, :] if pol.w_symmetric else codes
-  return dit.DiTConfig(**meta["model"]), {"params": tree["params"], "quant": quant}, table
+  try:
+    table = intweight_table(tuple((pat, layers.LayerPolicy(**pol)) for pat, pol in meta["policies"]))
+    model_cfg, params, quant = dit.DiTConfig(**meta["model"]), tree["params"], tree.get("quant", {})
+    if set(meta["layers"]) != set(_layer_paths(quant)):
+      raise ValueError(f"quantized layers {_layer_paths(quant)[:3]}... differ from the manifest's "
+                       f"{sorted(meta['layers'])[:3]}...")
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is a malformed quantized DiT export ({type(e).__name__}: {e}); re-export it with "
+                     "diffq.quant.export.export_quantized.") from e
+  for p, shape in meta["layers"].items():
+    try:
+      q = _get(quant, p)
+      q["w_codes"] = _decode(q.pop("w_packed"), q, layers.resolve_policy(p, table), *shape)
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f"{path}: quantized layer {p} is malformed ({type(e).__name__}: {e}); re-export it with "
+                       "diffq.quant.export.export_quantized.") from e
+  return model_cfg, {"params": params, "quant": quant}, table
