@@ -4,9 +4,13 @@
 
 A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides, and optionally
 `workdir`: a run directory relative to the runs root, to share an identical run with another sweep), `COLUMNS`
-(metrics.json keys for the table) and optionally `PARETO` ((x_key, y_key) pairs). Finished runs (metrics.json
-present) are skipped, so an interrupted sweep resumes where it stopped. Results go to
+(metrics.json keys for the table) and optionally `PARETO` ((x_key, y_key) pairs). Results go to
 experiments/results/<NAME>.md/.csv (each row with the exact command that produced it) and <NAME>_<y>_vs_<x>.png.
+
+Each finished run's metrics.json is also archived to experiments/results/<NAME>/<run>.json, which is committed:
+run directories (samples, checkpoints) stay out of git, so on a fresh clone the archive is what keeps finished
+rows in the table and keeps them from being recomputed. A run is finished when either file exists, so an
+interrupted sweep resumes where it stopped; delete both to re-run one.
 """
 from __future__ import annotations
 
@@ -42,6 +46,30 @@ def run_dir(sweep, run: dict, runs_root: str) -> str:
   return os.path.join(runs_root, run.get("workdir", os.path.join(sweep.NAME, run["name"])))
 
 
+def archived_metrics(sweep, run: dict) -> str:
+  return os.path.join(RESULTS, sweep.NAME, f"{run['name']}.json")
+
+
+def load_metrics(sweep, run: dict, runs_root: str) -> dict | None:
+  """The run's metrics: its run directory's metrics.json, else the committed archive, else None."""
+  for path in (os.path.join(run_dir(sweep, run, runs_root), "metrics.json"), archived_metrics(sweep, run)):
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+  return None
+
+
+def archive_metrics(sweep, run: dict, runs_root: str) -> None:
+  """Copy a finished run's metrics.json into the committed archive (atomic rename)."""
+  src, dest = os.path.join(run_dir(sweep, run, runs_root), "metrics.json"), archived_metrics(sweep, run)
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  with open(src) as f:
+    text = f.read()
+  with open(dest + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(dest + ".tmp", dest)
+
+
 def command(run: dict, workdir: str) -> list[str]:
   return ["python", "main.py", f"--config={run['config']}", f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in run.get("overrides", {}).items()]]
@@ -52,7 +80,7 @@ def run_all(sweep, runs_root: str, only: set[str] | None) -> None:
   t0, done = time.time(), 0
   for i, run in enumerate(todo):
     workdir = run_dir(sweep, run, runs_root)
-    if os.path.exists(os.path.join(workdir, "metrics.json")):
+    if load_metrics(sweep, run, runs_root) is not None:
       print(f"[{i + 1}/{len(todo)}] {run['name']}: done, skipping", flush=True)
       continue
     cmd = command(run, workdir)
@@ -62,20 +90,21 @@ def run_all(sweep, runs_root: str, only: set[str] | None) -> None:
       rc = subprocess.call([sys.executable, *cmd[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
       raise SystemExit(f"Run {run['name']} failed (exit {rc}); see {workdir}/log.txt. Re-run the sweep to resume.")
+    archive_metrics(sweep, run, runs_root)
     done += 1
     rate = (time.time() - t0) / done
-    left = sum(1 for r in todo[i + 1:] if not os.path.exists(os.path.join(run_dir(sweep, r, runs_root),
-                                                                           "metrics.json")))
+    left = sum(1 for r in todo[i + 1:] if load_metrics(sweep, r, runs_root) is None)
     print(f"    finished in {rate:.0f}s/run on average; ETA {left * rate / 60:.1f} min", flush=True)
 
 
 def collect(sweep, runs_root: str) -> list[dict]:
+  """One row per finished run; run directories' metrics not yet in the archive are archived on the way."""
   rows = []
   for run in sweep.RUNS:
-    path = os.path.join(run_dir(sweep, run, runs_root), "metrics.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        metrics = json.load(f)
+    if os.path.exists(os.path.join(run_dir(sweep, run, runs_root), "metrics.json")):
+      archive_metrics(sweep, run, runs_root)
+    metrics = load_metrics(sweep, run, runs_root)
+    if metrics is not None:
       rows.append({"name": run["name"], **{c: metrics.get(c) for c in sweep.COLUMNS},
                    "command": shlex.join(command(run, os.path.relpath(
                        run_dir(sweep, run, runs_root), ROOT)))})

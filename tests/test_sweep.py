@@ -39,3 +39,23 @@ def test_sweep_runs_skips_finished_and_collects(tmp_path, monkeypatch):
   table = (tmp_path / "results" / "tiny_sweep.md").read_text()
   assert "--config.num_steps=1" in table and (tmp_path / "results" / "tiny_sweep.csv").exists()
   assert (tmp_path / "results" / "tiny_sweep_num_samples_vs_seconds.png").exists()
+
+
+def test_archived_metrics_keep_rows_and_skip_runs_without_run_dirs(tmp_path, monkeypatch):
+  """A fresh clone has the committed archive but no run directories: rows stay, nothing is recomputed."""
+  spec = tmp_path / "arch_sweep.py"
+  spec.write_text('NAME = "arch_sweep"\nCOLUMNS = ["fid"]\n'
+                  'RUNS = [dict(name="a", config="configs/does_not_exist.py"),\n'
+                  '        dict(name="b", config="configs/does_not_exist.py")]\n')
+  monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
+  runs = tmp_path / "runs"
+  for name, fid in (("a", 1.5), ("b", 2.5)):
+    os.makedirs(runs / "arch_sweep" / name)
+    (runs / "arch_sweep" / name / "metrics.json").write_text(json.dumps({"fid": fid}))
+  mod = sweep.load_sweep(str(spec))
+  assert [r["fid"] for r in sweep.collect(mod, str(runs))] == [1.5, 2.5]
+  assert json.load(open(tmp_path / "results" / "arch_sweep" / "b.json")) == {"fid": 2.5}
+  fresh = tmp_path / "fresh_runs"  # no run directories at all
+  assert [r["fid"] for r in sweep.collect(mod, str(fresh))] == [1.5, 2.5]
+  sweep.run_all(mod, str(fresh), None)  # the config does not exist: running anything would fail
+  assert not fresh.exists()
