@@ -3,9 +3,12 @@
   python experiments/sweep.py experiments/sweeps/fp_cfg.py [--runs_root=runs/sweeps] [--only=name,...]
 
 A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides, and optionally
-`workdir`: a run directory relative to the runs root, to share an identical run with another sweep), `COLUMNS`
-(metrics.json keys for the table) and optionally `PARETO` ((x_key, y_key) pairs). Results go to
-experiments/results/<NAME>.md/.csv (each row with the exact command that produced it) and <NAME>_<y>_vs_<x>.png.
+`workdir`: a run directory relative to the runs root, to share an identical run with another sweep; `labels`: a
+dict of fields the sweep itself knows, e.g. the method and setting, added to the run's row), `COLUMNS` (metrics.json
+keys or labels for the table) and optionally `PARETO` ((x_key, y_key) pairs) and `LINES` (dicts x, y, group and
+optionally reference, a run name drawn as a horizontal line, and log_y: y against a categorical x, one line per
+group). Results go to experiments/results/<NAME>.md/.csv (each row with the exact command that produced it),
+<NAME>_<y>_vs_<x>.png and <NAME>_<y>_by_<group>.png.
 
 Each finished run's metrics.json is also archived to experiments/results/<NAME>/<run>.json, which is committed:
 run directories (samples, checkpoints) stay out of git, so on a fresh clone the archive is what keeps finished
@@ -105,7 +108,8 @@ def collect(sweep, runs_root: str) -> list[dict]:
       archive_metrics(sweep, run, runs_root)
     metrics = load_metrics(sweep, run, runs_root)
     if metrics is not None:
-      rows.append({"name": run["name"], **{c: metrics.get(c) for c in sweep.COLUMNS},
+      metrics = {**metrics, **run.get("labels", {})}
+      rows.append({"name": run["name"], **run.get("labels", {}), **{c: metrics.get(c) for c in sweep.COLUMNS},
                    "command": shlex.join(command(run, os.path.relpath(
                        run_dir(sweep, run, runs_root), ROOT)))})
   return rows
@@ -121,7 +125,7 @@ def write_tables(sweep, rows: list[dict]) -> None:
   os.makedirs(RESULTS, exist_ok=True)
   cols = ["name", *sweep.COLUMNS]
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=[*cols, "command"], lineterminator="\n")
+  writer = csv.DictWriter(buf, fieldnames=[*cols, "command"], lineterminator="\n", extrasaction="ignore")
   writer.writeheader()
   writer.writerows(rows)
   with open(os.path.join(RESULTS, f"{sweep.NAME}.csv"), "w") as f:
@@ -169,6 +173,36 @@ def draw_pareto(sweep, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def draw_lines(sweep, rows: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  for spec in getattr(sweep, "LINES", ()):
+    x_key, y_key, group_key = spec["x"], spec["y"], spec["group"]
+    pts = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None and r.get(group_key)]
+    if not pts:
+      continue
+    xs = list(dict.fromkeys(r[x_key] for r in pts))  # categorical, in sweep order
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for group in dict.fromkeys(r[group_key] for r in pts):
+      line = sorted((xs.index(r[x_key]), r[y_key]) for r in pts if r[group_key] == group)
+      ax.plot([p[0] for p in line], [p[1] for p in line], "o-", label=str(group))
+    ref = next((r for r in rows if r["name"] == spec.get("reference") and r.get(y_key) is not None), None)
+    if ref is not None:
+      ax.axhline(ref[y_key], color="k", ls="--", lw=1, label=ref["name"])
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    if spec.get("log_y"):
+      ax.set_yscale("log")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.set_title(f"{sweep.NAME}: {y_key} by {group_key}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, f"{sweep.NAME}_{y_key}_by_{group_key}.png"), dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("sweep")
@@ -182,6 +216,7 @@ def main() -> None:
   rows = collect(sweep, args.runs_root)
   write_tables(sweep, rows)
   draw_pareto(sweep, rows)
+  draw_lines(sweep, rows)
   print(f"{len(rows)}/{len(sweep.RUNS)} runs collected into {RESULTS}/{sweep.NAME}.md")
 
 

@@ -45,8 +45,9 @@ def test_archived_metrics_keep_rows_and_skip_runs_without_run_dirs(tmp_path, mon
   """A fresh clone has the committed archive but no run directories: rows stay, nothing is recomputed."""
   spec = tmp_path / "arch_sweep.py"
   spec.write_text('NAME = "arch_sweep"\nCOLUMNS = ["fid"]\n'
+                  'LINES = [dict(x="setting", y="fid", group="method", reference="a", log_y=True)]\n'
                   'RUNS = [dict(name="a", config="configs/does_not_exist.py"),\n'
-                  '        dict(name="b", config="configs/does_not_exist.py")]\n')
+                  '        dict(name="b", config="configs/does_not_exist.py", labels={"setting": "W2", "method": "m"})]\n')
   monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
   runs = tmp_path / "runs"
   for name, fid in (("a", 1.5), ("b", 2.5)):
@@ -56,6 +57,9 @@ def test_archived_metrics_keep_rows_and_skip_runs_without_run_dirs(tmp_path, mon
   assert [r["fid"] for r in sweep.collect(mod, str(runs))] == [1.5, 2.5]
   assert json.load(open(tmp_path / "results" / "arch_sweep" / "b.json")) == {"fid": 2.5}
   fresh = tmp_path / "fresh_runs"  # no run directories at all
-  assert [r["fid"] for r in sweep.collect(mod, str(fresh))] == [1.5, 2.5]
+  rows = sweep.collect(mod, str(fresh))
+  assert [r["fid"] for r in rows] == [1.5, 2.5] and rows[1]["method"] == "m" and "method" not in rows[0]
+  sweep.draw_lines(mod, rows)
+  assert (tmp_path / "results" / "arch_sweep_fid_by_method.png").exists()
   sweep.run_all(mod, str(fresh), None)  # the config does not exist: running anything would fail
   assert not fresh.exists()

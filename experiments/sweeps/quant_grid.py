@@ -6,10 +6,14 @@ NAME = "quant_grid"
 COLUMNS = ["w_bits", "a_bits", "fid", "sfid", "is", "precision", "recall", "kid", "class_acc", "bits_per_weight",
            "model_bytes", "gmacs_per_image", "quant_seconds", "seconds"]
 PARETO = [("bits_per_weight", "fid")]
-METHODS = ("uniform", "efficientdm", "omq", "trd", "mpqdm")
+LINES = [dict(x="setting", y="fid", group="method", reference="fp", log_y=True),
+         dict(x="setting", y="class_acc", group="method", reference="fp")]
+METHODS = {"uniform": "uniform PTQ", "efficientdm": "EfficientDM-style", "omq": "+OMQ", "trd": "+TRD",
+           "mpqdm": "MPQ-DM (OMQ+TRD)"}
 SETTINGS = ((2, 4), (3, 4), (4, 4), (4, 8), (8, 8))
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0")]
 RUNS += [dict(name=f"w{w}a{a}_{m}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m}",
-              overrides={"sample.num_samples": 5000, "sample.seed": 0})
+              overrides={"sample.num_samples": 5000, "sample.seed": 0},
+              labels={"setting": f"W{w}A{a}", "method": METHODS[m]})
          for w, a in SETTINGS for m in METHODS if not (w == 8 and m in ("omq", "mpqdm"))]  # OMQ: w_bits <= 7
