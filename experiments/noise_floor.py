@@ -1,10 +1,11 @@
 """Noise floor of the classifier-feature metrics.
 
-  python experiments/noise_floor.py [--samples runs/sweeps/fp_seeds/fp_seed0/samples.npz,...]
+  python experiments/noise_floor.py [--samples runs/sweeps/fp_seeds/fp_seed0/samples.npz,...] [--out NAME.md]
 
 Real-data floors: Fashion-MNIST test half vs test half (5000 vs 5000) and N train images vs the test split
 (what a perfect generator would score). Model floor: FD between FP sample sets drawn with different seeds
-(sample set vs sample set, each as the other's reference). Writes experiments/results/noise_floor.md.
+(sample set vs sample set, each as the other's reference). Any sample sets compare the same way, e.g. a W8A8 model's
+against the FP model's at the same seed. Writes experiments/results/<out> (default noise_floor.md).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--samples", default="", help="comma-separated samples.npz of FP runs with different seeds")
   parser.add_argument("--num_train", type=int, default=5000)
+  parser.add_argument("--out", default="noise_floor.md", help="file name under experiments/results/")
   args = parser.parse_args()
   ev = evaluator_lib.load_evaluator()
   sha = npz.load_manifest(evaluator_lib.DEFAULT_PATH)["sha256"][:12]
@@ -53,12 +55,13 @@ def main() -> None:
                  sample_quality.evaluate(ev, reference.compute_reference(ev, xq), xp, yp)))
   lines = ["# Noise floor of the classifier-feature metrics", "",
            f"Evaluator `evaluator_fm@{sha}`. Produced by: `python experiments/noise_floor.py"
-           + (f" --samples {args.samples}" if sets else "") + "`", "",
+           + (f" --samples {args.samples}" if sets else "")
+           + (f" --out {args.out}" if args.out != "noise_floor.md" else "") + "`", "",
            "| comparison | " + " | ".join(COLS) + " |", "|---|" + "---|" * len(COLS)]
   for name, m in rows:
     lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.4g}" for c in COLS) + " |")
   os.makedirs(os.path.join(ROOT, "experiments", "results"), exist_ok=True)
-  with open(os.path.join(ROOT, "experiments", "results", "noise_floor.md"), "w") as f:
+  with open(os.path.join(ROOT, "experiments", "results", args.out), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
 

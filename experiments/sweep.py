@@ -7,7 +7,7 @@ A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config,
 dict of fields the sweep itself knows, e.g. the method and setting, added to the run's row), `COLUMNS` (metrics.json
 keys or labels for the table) and optionally `PARETO` ((x_key, y_key) pairs) and `LINES` (dicts x, y, group and
 optionally reference, a run name drawn as a horizontal line, and log_y: y against a categorical x, one line per
-group). Results go to experiments/results/<NAME>.md/.csv (each row with the exact command that produced it),
+group) and `PIVOTS` (dicts rows, cols, value: a value-by-label table added to the .md). Results go to experiments/results/<NAME>.md/.csv (each row with the exact command that produced it),
 <NAME>_<y>_vs_<x>.png and <NAME>_<y>_by_<group>.png.
 
 Each finished run's metrics.json is also archived to experiments/results/<NAME>/<run>.json, which is committed:
@@ -134,9 +134,23 @@ def write_tables(sweep, rows: list[dict]) -> None:
            "Regenerate: `python experiments/sweep.py " + os.path.relpath(sweep.__file__, ROOT) + "`", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+  for spec in getattr(sweep, "PIVOTS", ()):
+    lines += ["", *pivot_table(rows, spec["rows"], spec["cols"], spec["value"])]
   lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
   with open(os.path.join(RESULTS, f"{sweep.NAME}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def pivot_table(rows: list[dict], row_key: str, col_key: str, value: str) -> list[str]:
+  """Markdown table of `value` with one row per `row_key` label and one column per `col_key` label (sweep order);
+  runs without both labels are left out, missing cells are blank."""
+  cells = {(r[row_key], r[col_key]): r.get(value) for r in rows if r.get(row_key) and r.get(col_key)}
+  row_labels = list(dict.fromkeys(k[0] for k in cells))
+  col_labels = list(dict.fromkeys(k[1] for k in cells))
+  out = [f"{value} by {row_key} and {col_key}:", "", f"| {row_key} | " + " | ".join(map(str, col_labels)) + " |",
+         "|---|" + "---|" * len(col_labels)]
+  out += [f"| {a} | " + " | ".join(_fmt(cells.get((a, b))) for b in col_labels) + " |" for a in row_labels]
+  return out
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -63,3 +63,10 @@ def test_archived_metrics_keep_rows_and_skip_runs_without_run_dirs(tmp_path, mon
   assert (tmp_path / "results" / "arch_sweep_fid_by_method.png").exists()
   sweep.run_all(mod, str(fresh), None)  # the config does not exist: running anything would fail
   assert not fresh.exists()
+
+
+def test_pivot_table_places_values_by_labels():
+  rows = [dict(name="fp", fid=3.0), dict(name="a", method="m1", setting="W2", fid=9.0),
+          dict(name="b", method="m2", setting="W2", fid=7.5), dict(name="c", method="m1", setting="W8", fid=3.25)]
+  table = sweep.pivot_table(rows, "method", "setting", "fid")
+  assert table[2:] == ["| method | W2 | W8 |", "|---|---|---|", "| m1 | 9 | 3.25 |", "| m2 | 7.5 |  |"]

@@ -8,6 +8,7 @@ COLUMNS = ["w_bits", "a_bits", "fid", "sfid", "is", "precision", "recall", "kid"
 PARETO = [("bits_per_weight", "fid")]
 LINES = [dict(x="setting", y="fid", group="method", reference="fp", log_y=True),
          dict(x="setting", y="class_acc", group="method", reference="fp")]
+PIVOTS = [dict(rows="method", cols="setting", value="fid"), dict(rows="method", cols="setting", value="class_acc")]
 METHODS = {"uniform": "uniform PTQ", "efficientdm": "EfficientDM-style", "omq": "+OMQ", "trd": "+TRD",
            "mpqdm": "MPQ-DM (OMQ+TRD)"}
 SETTINGS = ((2, 4), (3, 4), (4, 4), (4, 8), (8, 8))
