@@ -199,8 +199,8 @@ def draw_lines(sweep, rows: list[dict]) -> None:
     xs = list(dict.fromkeys(r[x_key] for r in pts))  # categorical, in sweep order
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for group in dict.fromkeys(r[group_key] for r in pts):
-      line = sorted((xs.index(r[x_key]), r[y_key]) for r in pts if r[group_key] == group)
-      ax.plot([p[0] for p in line], [p[1] for p in line], "o-", label=str(group))
+      ys = {r[x_key]: r[y_key] for r in pts if r[group_key] == group}
+      ax.plot(range(len(xs)), [ys.get(x, float("nan")) for x in xs], "o-", label=str(group))  # gaps break
     ref = next((r for r in rows if r["name"] == spec.get("reference") and r.get(y_key) is not None), None)
     if ref is not None:
       ax.axhline(ref[y_key], color="k", ls="--", lw=1, label=ref["name"])
