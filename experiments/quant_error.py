@@ -58,15 +58,16 @@ def guided_eps_fn(model_cfg, table):
       model_fn, v, x, t, y, step, cfg, model_cfg.num_classes)[..., :model_cfg.in_channels], static_argnums=5)
 
 
-def per_step_error(eps_q, eps_fp, variables_q, variables_fp, xs, labels, plan, cfg_scale) -> np.ndarray:
-  """(S,) relative squared error of the quantized guided eps at the FP trajectory's inputs."""
-  errs = []
-  for i, t_model in enumerate(plan.model_timesteps):
-    t = jnp.full((labels.shape[0],), int(t_model), jnp.int32)
-    a = eps_q(variables_q, xs[i], t, labels, i, cfg_scale)
-    b = eps_fp(variables_fp, xs[i], t, labels, i, cfg_scale)
-    errs.append(float(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2)))
-  return np.array(errs)
+def per_step_eps(eps_fn, variables, xs, labels, plan, cfg_scale) -> list[jax.Array]:
+  """Guided eps of every step on the FP trajectory's inputs xs (S, N, H, W, C)."""
+  return [eps_fn(variables, xs[i], jnp.full((labels.shape[0],), int(t), jnp.int32), labels, i, cfg_scale)
+          for i, t in enumerate(plan.model_timesteps)]
+
+
+def per_step_error(eps_fn, variables, ref_eps, xs, labels, plan, cfg_scale) -> np.ndarray:
+  """(S,) relative squared error of eps_fn's guided eps against the FP model's `ref_eps` at each step."""
+  return np.array([float(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2)) for a, b in
+                   zip(per_step_eps(eps_fn, variables, xs, labels, plan, cfg_scale), ref_eps)])
 
 
 def main() -> None:
@@ -94,23 +95,21 @@ def main() -> None:
       fn, v, key, labels, ids, plan=plan, shape=shape, method="ddim", cfg_scale=args.cfg_scale,
       null_class=model_cfg.num_classes, clip_x0=True, return_trajectory=True))(v)
   x0_fp, xs = draw(fp_fn, {"params": params})
+  ref_eps = per_step_eps(eps_fp, {"params": params}, xs, labels, plan, args.cfg_scale)  # shared by every run
+  error = lambda cfg, table, variables: per_step_error(guided_eps_fn(cfg, table)[1], variables, ref_eps, xs,
+                                                       labels, plan, args.cfg_scale)
   groups = [g for g in args.groups.split(",") if g]
   curves, rows, group_rows = {}, [], []
   for r in runs:
     qcfg, variables, table = export.import_quantized(os.path.join(r, "quantized.npz"))
     name = os.path.basename(os.path.normpath(r))
-    full_fn, eps_full = guided_eps_fn(qcfg, table)
-    _, eps_w = guided_eps_fn(qcfg, weight_only(table))
-    e_full = per_step_error(eps_full, eps_fp, variables, {"params": params}, xs, labels, plan, args.cfg_scale)
-    e_w = per_step_error(eps_w, eps_fp, variables, {"params": params}, xs, labels, plan, args.cfg_scale)
-    x0_q, _ = draw(full_fn, variables)
+    e_full, e_w = error(qcfg, table, variables), error(qcfg, weight_only(table), variables)
+    x0_q, _ = draw(guided_eps_fn(qcfg, table)[0], variables)
     rms = float(jnp.sqrt(jnp.mean((x0_q - x0_fp) ** 2)))
     curves[name] = (e_full, e_w)
     rows.append((name, e_full.mean(), e_w.mean(), e_full[:5].mean(), e_full[-5:].mean(), rms))
     layer_paths = sorted({k.rsplit("/", 1)[0] for k in npz.flatten(variables["quant"])})
-    group_rows.append((name, *[per_step_error(guided_eps_fn(qcfg, float_acts_in(table, g, layer_paths))[1], eps_fp,
-                                              variables, {"params": params}, xs, labels, plan,
-                                              args.cfg_scale).mean() for g in groups]))
+    group_rows.append((name, *[error(qcfg, float_acts_in(table, g, layer_paths), variables).mean() for g in groups]))
     print(f"{name}: eps rel err {e_full.mean():.4g} (weights only {e_w.mean():.4g}), x0 RMS diff {rms:.4g}",
           flush=True)
   lines = ["# Quantization error along the FP trajectory", "",

@@ -7,8 +7,9 @@ A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config,
 dict of fields the sweep itself knows, e.g. the method and setting, added to the run's row), `COLUMNS` (metrics.json
 keys or labels for the table) and optionally `PARETO` ((x_key, y_key) pairs) and `LINES` (dicts x, y, group and
 optionally reference, a run name drawn as a horizontal line, and log_y: y against a categorical x, one line per
-group) and `PIVOTS` (dicts rows, cols, value: a value-by-label table added to the .md). Results go to experiments/results/<NAME>.md/.csv (each row with the exact command that produced it),
-<NAME>_<y>_vs_<x>.png and <NAME>_<y>_by_<group>.png.
+group) and `PIVOTS` (dicts rows, cols, value: a value-by-label table added to the .md). Results go to
+experiments/results/<NAME>.md/.csv (each row with the exact command that produced it), <NAME>_<y>_vs_<x>.png and
+<NAME>_<y>_by_<group>.png.
 
 Each finished run's metrics.json is also archived to experiments/results/<NAME>/<run>.json, which is committed:
 run directories (samples, checkpoints) stay out of git, so on a fresh clone the archive is what keeps finished
@@ -24,12 +25,16 @@ import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "experiments", "results")
+sys.path.insert(0, ROOT)
+
+from diffq.io import npz  # noqa: E402
 
 
 def load_sweep(path: str):
@@ -63,14 +68,9 @@ def load_metrics(sweep, run: dict, runs_root: str) -> dict | None:
 
 
 def archive_metrics(sweep, run: dict, runs_root: str) -> None:
-  """Copy a finished run's metrics.json into the committed archive (atomic rename)."""
-  src, dest = os.path.join(run_dir(sweep, run, runs_root), "metrics.json"), archived_metrics(sweep, run)
-  os.makedirs(os.path.dirname(dest), exist_ok=True)
-  with open(src) as f:
-    text = f.read()
-  with open(dest + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(dest + ".tmp", dest)
+  """Copy a finished run's metrics.json into the committed archive (atomically)."""
+  src = os.path.join(run_dir(sweep, run, runs_root), "metrics.json")
+  npz._atomic_write(archived_metrics(sweep, run), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def command(run: dict, workdir: str) -> list[str]:
@@ -108,8 +108,9 @@ def collect(sweep, runs_root: str) -> list[dict]:
       archive_metrics(sweep, run, runs_root)
     metrics = load_metrics(sweep, run, runs_root)
     if metrics is not None:
-      metrics = {**metrics, **run.get("labels", {})}
-      rows.append({"name": run["name"], **run.get("labels", {}), **{c: metrics.get(c) for c in sweep.COLUMNS},
+      labels = run.get("labels", {})
+      fields = {**metrics, **labels}
+      rows.append({"name": run["name"], **labels, **{c: fields.get(c) for c in sweep.COLUMNS},
                    "command": shlex.join(command(run, os.path.relpath(
                        run_dir(sweep, run, runs_root), ROOT)))})
   return rows
@@ -164,10 +165,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
   return front
 
 
-def draw_pareto(sweep, rows: list[dict]) -> None:
+def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def draw_pareto(sweep, rows: list[dict]) -> None:
+  plt = _pyplot()
   for x_key, y_key in getattr(sweep, "PARETO", ()):
     pts = [(r[x_key], r[y_key], r["name"]) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
     if not pts:
@@ -188,9 +194,7 @@ def draw_pareto(sweep, rows: list[dict]) -> None:
 
 
 def draw_lines(sweep, rows: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   for spec in getattr(sweep, "LINES", ()):
     x_key, y_key, group_key = spec["x"], spec["y"], spec["group"]
     pts = [r for r in rows if r.get(x_key) is not None and r.get(y_key) is not None and r.get(group_key)]

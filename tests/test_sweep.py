@@ -47,7 +47,8 @@ def test_archived_metrics_keep_rows_and_skip_runs_without_run_dirs(tmp_path, mon
   spec.write_text('NAME = "arch_sweep"\nCOLUMNS = ["fid"]\n'
                   'LINES = [dict(x="setting", y="fid", group="method", reference="a", log_y=True)]\n'
                   'RUNS = [dict(name="a", config="configs/does_not_exist.py"),\n'
-                  '        dict(name="b", config="configs/does_not_exist.py", labels={"setting": "W2", "method": "m"})]\n')
+                  '        dict(name="b", config="configs/does_not_exist.py",\n'
+                  '             labels={"setting": "W2", "method": "m"})]\n')
   monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
   runs = tmp_path / "runs"
   for name, fid in (("a", 1.5), ("b", 2.5)):
