@@ -12,8 +12,12 @@ import struct
 import numpy as np
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
-INSTALL_HINT = ("Install it with `sudo apt-get install dataset-fashion-mnist` (idx files under "
-                f"{DEFAULT_DIR}), or point --config.data.dir at a directory holding the four idx(.gz) files.")
+DIR_FLAG = "--config.data.dir"  # the config key of the data directory in the training jobs
+
+
+def install_hint(dir_flag: str = DIR_FLAG) -> str:
+  return (f"Install it with `sudo apt-get install dataset-fashion-mnist` (idx files under {DEFAULT_DIR}), or point "
+          f"{dir_flag} at a directory holding the four idx(.gz) files.")
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 NUM_CLASSES = 10
@@ -21,18 +25,18 @@ CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", 
                "Ankle boot")
 
 
-def read_idx(path: str) -> np.ndarray:
+def read_idx(path: str, dir_flag: str = DIR_FLAG) -> np.ndarray:
   """Parses an idx file (optionally .gz) into a uint8 array; raises on a corrupt header or size."""
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     data = f.read()
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-    raise ValueError(f"{path} is not a uint8 idx file (bad magic). Re-install the dataset: {INSTALL_HINT}")
+    raise ValueError(f"{path} is not a uint8 idx file (bad magic). Re-install the dataset: {install_hint(dir_flag)}")
   ndim = data[3]
   dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(dims)):
-    raise ValueError(f"{path} is truncated: header says {dims}, found {body.size} values. {INSTALL_HINT}")
+    raise ValueError(f"{path} is truncated: header says {dims}, found {body.size} values. {install_hint(dir_flag)}")
   return body.reshape(dims)
 
 
@@ -44,22 +48,23 @@ def _find(directory: str, stem: str) -> str | None:
   return None
 
 
-def load_raw(split: str, directory: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
-  """(images uint8 (N, 28, 28), labels int32 (N,)) for split 'train' or 'test'."""
+def load_raw(split: str, directory: str = DEFAULT_DIR, dir_flag: str = DIR_FLAG) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (N, 28, 28), labels int32 (N,)) for split 'train' or 'test'; errors name `dir_flag`, the
+  caller's config key for `directory`."""
   if split not in _FILES:
     raise ValueError(f"Unknown split {split!r}; use 'train' or 'test'.")
   paths = [_find(directory, stem) for stem in _FILES[split]]
   if all(paths):
-    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    images, labels = read_idx(paths[0], dir_flag), read_idx(paths[1], dir_flag)
   else:
     loaded = _load_tfds(split)
     if loaded is None:
       raise FileNotFoundError(f"Fashion-MNIST {split} split not found in {directory!r} (and no prepared TFDS "
-                              f"fashion_mnist under $TFDS_DATA_DIR). {INSTALL_HINT}")
+                              f"fashion_mnist under $TFDS_DATA_DIR). {install_hint(dir_flag)}")
     images, labels = loaded
   if images.shape[1:] != (28, 28) or len(images) != len(labels):
     raise ValueError(f"Fashion-MNIST {split} has unexpected shapes {images.shape}, {labels.shape}; expected "
-                     f"(N, 28, 28) images and N labels. {INSTALL_HINT}")
+                     f"(N, 28, 28) images and N labels. {install_hint(dir_flag)}")
   return images, labels.astype(np.int32)
 
 

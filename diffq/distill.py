@@ -12,7 +12,8 @@ x_{t-1} = DDIM(x_t, FP output). Trainable: the `quant` variables of layers that 
 weight and per-step activation scales/zeros); the 8-bit boundary layers carry no LoRA and stay frozen.
 
 TRD gradient (`trd_grad`): the released code detaches both features, so TRD never trains (`"none"`
-reproduces that: the term is logged but has zero gradient). `"current"` (default, the spec's option (b)):
+reproduces that: the term is logged, and the differentiated loss is that of a run without TRD, so it trains
+exactly like one). `"current"` (default, the spec's option (b)):
 the gradient flows through the current step's quantized features; the window's earlier quantized features
 were produced before the last update and enter as constants.
 """
@@ -163,15 +164,17 @@ class Distiller:
     out_fp, f_fp = self._forward((), {"params": params}, x, t, labels, i)
     window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
 
+    # trd_grad="none" differentiates the very loss of a run without TRD (weight 0), so it trains exactly like
+    # one; the logged loss still carries the (detached) TRD term, as the released code reports it.
+    grad_weight = cfg.trd_weight if cfg.trd_grad == "current" else 0.0
+
     def loss_fn(train):
       quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
       out_q, f_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i)
       c = self.shape[-1]
       mse = jnp.sum((out_q[..., :c] - out_fp[..., :c]) ** 2)
-      if cfg.trd_grad == "none":
-        f_q = jax.lax.stop_gradient(f_q)
       trd = relation_kl((acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window)
-      return mse + cfg.trd_weight * window_end * trd, (mse, trd, f_q)
+      return mse + grad_weight * window_end * trd, (mse, trd, f_q)
 
     grads, (mse, trd, f_q) = jax.grad(loss_fn, has_aux=True)(state["quant"])
     updates, opt_state = self.optimizer().update(grads, state["opt_state"], state["quant"])

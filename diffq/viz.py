@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from diffq.io.npz import _atomic_write
+from diffq.io.npz import atomic_write
 
 
 def grid(images_u8: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
@@ -32,4 +32,4 @@ def class_grid(images_u8: np.ndarray, labels: np.ndarray, num_classes: int, per_
 def save_png(path: str, mosaic: np.ndarray, scale: int = 2) -> None:
   img = Image.fromarray(mosaic[..., 0] if mosaic.shape[-1] == 1 else mosaic)
   img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+  atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

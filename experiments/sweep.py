@@ -70,7 +70,7 @@ def load_metrics(sweep, run: dict, runs_root: str) -> dict | None:
 def archive_metrics(sweep, run: dict, runs_root: str) -> None:
   """Copy a finished run's metrics.json into the committed archive (atomically)."""
   src = os.path.join(run_dir(sweep, run, runs_root), "metrics.json")
-  npz._atomic_write(archived_metrics(sweep, run), lambda tmp: shutil.copyfile(src, tmp))
+  npz.atomic_write(archived_metrics(sweep, run), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def command(run: dict, workdir: str) -> list[str]:

@@ -86,8 +86,11 @@ def test_detached_trd_has_no_gradient_and_current_trd_does(setup):
   runs = {k: run_steps(*make(setup, **kw), 2, mesh) for k, kw in
           {"off": dict(trd_weight=0.0), "none": dict(trd_grad="none"), "current": dict()}.items()}
   a, b, c = (runs[k][0]["quant"] for k in ("off", "none", "current"))
-  diff = lambda u, v: max(float(np.abs(u[k] - v[k]).max()) for k in u)
-  assert diff(a, b) < 1e-3 * diff(a, c)  # 'none' == 'off' up to XLA round-off; 'current' moves the parameters
+  for k in a:  # 'none' differentiates the loss of 'off' itself: identical by construction, on every machine
+    np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+  # 'current' moves parameters far beyond float32 round-off of their own scale
+  moved = max(float(np.abs(a[k] - c[k]).max() / max(np.abs(a[k]).max(), 1e-30)) for k in a)
+  assert moved > 1e3 * np.finfo(np.float32).eps
   assert runs["none"][1][1]["trd"] > 0 and runs["none"][1][0]["loss"] == runs["none"][1][0]["mse"]
 
 

@@ -54,7 +54,7 @@ def test_pickled_and_malformed_samples_are_refused(tmp_path):
     sample_quality.load_samples(str(p))
   p = tmp_path / "corrupt.npz"
   p.write_bytes(b"PK\x03\x04 not really a zip")
-  with pytest.raises(ValueError, match="not a readable .npz"):
+  with pytest.raises(ValueError, match="damaged .npz archive"):
     sample_quality.load_samples(str(p))
   p = tmp_path / "rgb.npz"
   np.savez(p, arr_0=np.zeros((2, 64, 64, 3), np.uint8))
@@ -66,3 +66,28 @@ def test_main_evaluate_requires_samples(tmp_path):
   out = subprocess.run([sys.executable, "main.py", "--config=configs/evaluate.py", f"--workdir={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "--config.samples=PATH" in out.stderr
+
+
+def test_labels_outside_the_classes_are_refused():
+  images, labels = np.zeros((4, 32, 32, 1), np.uint8), np.array([0, 3, 9, 10])
+  with pytest.raises(ValueError, match=r"class ids in \[0, 10\) .* got 0..10"):
+    evaluate.score(evaluate_config.get_config().eval, images, labels)
+
+
+def test_a_damaged_reference_cache_is_recomputed(tmp_path):
+  ev = evaluator_lib.load_evaluator()
+  sha = evaluator_lib.npz.load_manifest(evaluator_lib.DEFAULT_PATH)["sha256"]
+  first = reference.load_or_compute(ev, sha, str(tmp_path))
+  (path,) = [tmp_path / f for f in os.listdir(tmp_path)]
+  with open(path, "r+b") as f:
+    f.truncate(1000)
+  again = reference.load_or_compute(ev, sha, str(tmp_path))  # a warning, then the same statistics
+  np.testing.assert_array_equal(again["mu"], first["mu"])
+  assert sample_quality.npz.read_npz(str(path)).keys() >= set(reference.KEYS)
+
+
+def test_a_missing_dataset_names_the_key_of_the_scoring_config(tmp_path):
+  c = evaluate_config.get_config().eval
+  c.data_dir, c.cache_dir = str(tmp_path / "nowhere"), str(tmp_path / "cache")
+  with pytest.raises(FileNotFoundError, match="--config.eval.data_dir"):
+    evaluate.check_settings(c)

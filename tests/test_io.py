@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 
 import jax
@@ -64,3 +65,45 @@ def test_export_rejects_unexportable_trees(tmp_path):
   with pytest.raises(ValueError, match="without '/'"):
     npz.export_npz(str(tmp_path / "o.npz"), {"a/b": np.zeros(1)})
   assert not (tmp_path / "o.npz").exists()
+
+
+def test_an_edited_manifest_is_refused(tiny_export):
+  import shutil
+  path = tiny_export.replace(".npz", "_edited.npz")
+  shutil.copy(tiny_export, path)
+  manifest = json.load(open(npz.manifest_path(tiny_export)))
+  manifest["metadata"]["model"]["num_heads"] = 1  # same shapes, other model: only the checksum can tell
+  json.dump(manifest, open(npz.manifest_path(path), "w"))
+  with pytest.raises(ValueError, match="does not match its own checksum: it was edited"):
+    npz.import_npz(path)
+
+
+def test_weights_that_do_not_fit_the_model_config_are_refused(tmp_path):
+  from diffq.jobs import sample
+  cfg = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
+  params = jax.device_get(dit.init_params(cfg, jax.random.key(0)))
+  npz.export_npz(str(tmp_path / "p.npz"), params, metadata=dict(kind="dit_params", model=dict(cfg.__dict__, depth=3)))
+  with pytest.raises(ValueError, match=r"do not fit the model config, e.g. missing blocks_2"):
+    sample.load_dit(str(tmp_path / "p.npz"))
+
+
+def test_unreadable_files_get_errors_that_say_what_they_are(tmp_path):
+  path = str(tmp_path / "s.npz")
+  npz.export_npz(path, {"a": np.zeros(3)})
+  text = open(npz.manifest_path(path)).read()
+  open(npz.manifest_path(path), "w").write(text[:len(text) // 2])
+  with pytest.raises(ValueError, match=r"s.json is not valid JSON .* truncated or edited"):
+    npz.import_npz(path)
+  open(tmp_path / "notes.npz", "w").write("just some text\n")
+  with pytest.raises(ValueError, match=r"is not an .npz archive \(it starts with b'just'"):
+    npz.read_npz(str(tmp_path / "notes.npz"))
+  with open(path, "r+b") as f:
+    f.truncate(60)
+  with pytest.raises(ValueError, match="damaged .npz archive"):
+    npz.read_npz(path)
+
+
+def test_non_finite_arrays_are_never_exported(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"NaN/inf, e.g. \['b/c'\]"):
+    npz.export_npz(str(tmp_path / "n.npz"), {"a": np.zeros(2), "b": {"c": np.array([1.0, np.nan])}})
+  assert not os.listdir(tmp_path)

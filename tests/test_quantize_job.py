@@ -56,6 +56,13 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
   model_cfg, variables, table = export.import_quantized(str(tmp_path / "quantized.npz"))
   again, _ = sample.generate(job_cfg(tiny_export).sample, model_cfg, variables, parallel.make_mesh(1), table)
   np.testing.assert_array_equal(again, shipped)
+  from configs import sample as sample_config  # the sample job takes the quantized export as its params
+  c = sample_config.get_config("quick")
+  c.update(params=str(tmp_path / "quantized.npz"), num_samples=10, batch_size=10, spacing="ddim4", evaluate=False,
+           num_devices=1)
+  sample.run(c, str(tmp_path / "sampled"))
+  with np.load(tmp_path / "sampled" / "samples.npz") as f:
+    np.testing.assert_array_equal(f["arr_0"], shipped)
 
 
 def test_unknown_method_is_refused():
@@ -82,3 +89,70 @@ def test_every_grid_config_builds_a_policy_table_or_a_clear_error(method, w, a):
   body = dict(policy.policy_table(c.quant, 20))["*"]
   assert (body.w_bits, body.a_bits, body.mixed_bits, body.lora_rank > 0) == (w, a, c.quant.omq, method != "uniform")
   assert (c.distill.trd_weight > 0) == (method in ("trd", "mpqdm"))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_writes_no_metrics(tiny_export, tmp_path):
+  c = job_cfg(tiny_export, a_quant_lr=1e12, w_quant_lr=1e12, lora_lr_divisor=1e-12)
+  with pytest.raises(FloatingPointError, match=r"Training diverged: .*NaN/inf at step \d+.*a_quant_lr"):
+    quantize.run(c, str(tmp_path))
+  assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "quantized.npz").exists()
+
+
+def test_a_finished_workdir_refuses_other_settings_and_names_them(tiny_export, tmp_path):
+  quantize.run(job_cfg(tiny_export), str(tmp_path))
+  c = job_cfg(tiny_export)
+  c.quant.w_bits = 3
+  with pytest.raises(ValueError, match=r"calibration .* other settings: .*quant.w_bits: 2 -> 3"):
+    quantize.run(c, str(tmp_path))
+  c = job_cfg(tiny_export, trajectories=3)  # same calibration, longer distillation
+  with pytest.raises(ValueError, match=r"distillation .* other settings: distill.trajectories: 2 -> 3.* delete "
+                     r".*distill .*quantized.npz .*quantized.json to recompute"):
+    quantize.run(c, str(tmp_path))
+  c = job_cfg(tiny_export)
+  c.sample.num_samples = 20  # sampling-only settings do not touch the cached stages
+  assert quantize.run(c, str(tmp_path))["num_samples"] == 20
+
+
+def test_a_rerun_reuses_the_export_and_reports_the_same_job_metrics(tiny_export, tmp_path):
+  first = quantize.run(job_cfg(tiny_export), str(tmp_path))
+  stamp = os.path.getmtime(tmp_path / "quantized.npz")
+  again = quantize.run(job_cfg(tiny_export), str(tmp_path))
+  assert os.path.getmtime(tmp_path / "quantized.npz") == stamp  # reused, not rewritten
+  assert {k: again[k] for k in first if k not in ("seconds", "images_per_second")} == \
+      {k: first[k] for k in first if k not in ("seconds", "images_per_second")}
+
+
+def test_resumed_distillation_accumulates_seconds_and_keeps_train_metrics(tiny_export, tmp_path):
+  straight = quantize.run(job_cfg(tiny_export), str(tmp_path))
+  for name in ("quantized.npz", "quantized.json", "metrics.json"):
+    os.remove(tmp_path / name)
+  resumed = quantize.run(job_cfg(tiny_export), str(tmp_path))  # every step checkpointed: nothing left to run
+  assert resumed["distill_seconds"] == straight["distill_seconds"] > 0
+  assert {k: v for k, v in resumed.items() if k.startswith("train_")} == \
+      {k: v for k, v in straight.items() if k.startswith("train_")} != {}
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("sample.batch_size", 0, "batch_size must be a positive integer"),
+    ("sample.spacing", "foo", "Unknown spacing 'foo'"),
+    ("sample.method", "dpm", "Unknown sampling method"),
+    ("distill.trd_grad", "window", "trd_grad"),
+    ("calib.num_images", 3, "not divisible"),
+])
+def test_bad_settings_are_refused_before_any_work(tiny_export, tmp_path, key, value, match):
+  c = job_cfg(tiny_export)
+  c.num_devices = 2
+  c.sample.batch_size = 10
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    quantize.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing computed, nothing written
+
+
+def test_a_damaged_calibration_names_the_files_to_delete(tiny_export, tmp_path):
+  quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))
+  with open(tmp_path / "calibrated_quant.npz", "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(ValueError, match=r"calibration in .*calibrated_quant.npz cannot be read .*Delete it"):
+    quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))

@@ -14,13 +14,18 @@ from diffq.diffusion.gaussian import Schedule
 def space_timesteps(num_steps: int, section_counts) -> list[int]:
   """Kept original indices. `section_counts`: "ddimN" (stride T//N), "N", "a,b,c" (per-section counts) or list."""
   if isinstance(section_counts, str):
-    if section_counts.startswith("ddim"):
-      want = int(section_counts[len("ddim"):])
+    spec = section_counts
+    try:
+      want = int(spec[len("ddim"):]) if spec.startswith("ddim") else None
+      section_counts = None if want is not None else [int(x) for x in spec.split(",")]
+    except ValueError:
+      raise ValueError(f"Unknown spacing {spec!r}: use 'ddimN' (N steps at an integer stride, e.g. ddim20), 'N' "
+                       "(N evenly spaced steps) or comma-separated per-section counts such as '10,5'.") from None
+    if want is not None:
       for stride in range(1, num_steps):
         if len(range(0, num_steps, stride)) == want:
           return list(range(0, num_steps, stride))
       raise ValueError(f"Cannot make exactly {want} DDIM steps with an integer stride from {num_steps}.")
-    section_counts = [int(x) for x in section_counts.split(",")]
   section_counts = list(section_counts)
   size_per, extra = divmod(num_steps, len(section_counts))
   start, kept = 0, []

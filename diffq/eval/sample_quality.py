@@ -4,20 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from diffq.eval import metrics
+from diffq.io import npz
 
 
 def load_samples(path: str) -> tuple[np.ndarray, np.ndarray | None]:
   """(arr_0 uint8 NHWC, arr_1 labels or None) from an ADM-format npz; refuses pickles and malformed arrays."""
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files if k in ("arr_0", "arr_1")}
-  except FileNotFoundError:
-    raise FileNotFoundError(f"No samples file at {path}.") from None
-  except ValueError as e:  # numpy refuses object arrays when allow_pickle=False
-    raise ValueError(f"{path} contains pickled objects or is malformed ({e}); refusing to load it. Save samples "
-                     "as plain arrays: np.savez(path, arr_0=uint8 NHWC, arr_1=int labels).") from e
-  except Exception as e:  # zipfile.BadZipFile, OSError, EOFError on truncated/corrupt files
-    raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}).") from e
+  arrays = npz.read_npz(path, "Save samples as plain arrays: np.savez(path, arr_0=uint8 NHWC, arr_1=int labels).")
   if "arr_0" not in arrays:
     raise ValueError(f"{path} has no 'arr_0': ADM-format samples are np.savez(path, arr_0=uint8 NHWC images"
                      "[, arr_1=labels]).")

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import logging as py_logging
+import math
 import os
 import time
 
 import jax
 from absl import logging
 
-from diffq.io.npz import _atomic_write
+from diffq.io.npz import atomic_write
 
 
 class _DropLibraryInfo(py_logging.Filter):
@@ -58,18 +59,22 @@ def _hms(seconds: float) -> str:
 
 
 def write_json(path: str, obj) -> None:
-  """Atomic JSON write (process 0 only)."""
+  """Atomic strict-JSON write (process 0 only): NaN/inf are refused, never written as bare tokens."""
   if jax.process_index() != 0:
     return
 
   def write(tmp):
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, sort_keys=True)
+      json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
 
-  _atomic_write(path, write)
+  atomic_write(path, write)
 
 
 def write_metrics(workdir: str, metrics: dict) -> None:
-  """workdir/metrics.json with flat keys."""
-  write_json(os.path.join(workdir, "metrics.json"),
-             {k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()})
+  """workdir/metrics.json with flat keys; a non-finite metric means the run failed, so nothing is written."""
+  flat = {k: (float(v) if not isinstance(v, (str, bool, int)) else v) for k, v in metrics.items()}
+  bad = sorted(k for k, v in flat.items() if isinstance(v, float) and not math.isfinite(v))
+  if bad:
+    raise FloatingPointError(f"Metrics {bad} are NaN/inf, so the run failed; {workdir}/metrics.json was not "
+                             "written.")
+  write_json(os.path.join(workdir, "metrics.json"), flat)

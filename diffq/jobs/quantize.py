@@ -1,11 +1,15 @@
 """Quantization job: calibrate (+ OMQ) -> distill (LoRA + TRD) -> export integer codes -> sample -> evaluate.
 
-Every stage leaves its result in the workdir and is skipped when re-run: `calibrated_quant.npz`, the
-distillation's orbax checkpoints (resumed mid-run), `quantized.npz` (packed integer codes + scales). The
-samples are drawn from the re-imported integer export, i.e. from exactly what is shipped.
+Every setting is validated before any work starts. Every stage leaves its result in the workdir and is reused
+on a re-run only if it was computed under the same settings (`diffq/jobs/stages.py`; otherwise the job stops and
+names the differing settings): `calibrated_quant.npz` (its manifest holds the settings), the distillation's
+orbax checkpoints (`distill/settings.json`; resumed mid-run, seconds and metrics accumulated across sessions),
+`quantized.npz` (packed integer codes + scales; its manifest holds the settings and the accounting). Samples are
+drawn from the re-imported integer export, i.e. from exactly what is shipped, and redrawn on every run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -16,17 +20,58 @@ from absl import logging
 
 from diffq import calibrate, distill, parallel, sampler
 from diffq.io import npz
-from diffq.jobs import common, loop, sample
+from diffq.jobs import common, loop, sample, stages
 from diffq.models import dit, layers
 from diffq.quant import export, policy
 
+LOOP_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every")  # distill keys that do not change the result
+DISTILL_FIX = ("lower the distillation learning rates (--config.distill.a_quant_lr, --config.distill.w_quant_lr; "
+               "a larger --config.distill.lora_lr_divisor lowers LoRA's)")
 
-def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet:
+
+RECORD = "settings.json"  # the distillation stage's settings record, in its directory
+
+
+def stage_files(workdir: str) -> dict[str, list[str]]:
+  """The files of each stage, in pipeline order."""
+  join = lambda name: os.path.join(workdir, name)
+  return dict(calibration=[join("calibrated_quant.npz"), join("calibrated_quant.json")],
+              distillation=[join("distill")], export=[join("quantized.npz"), join("quantized.json")])
+
+
+def _read_stage(read, stage: str, path: str):
+  """read(path), with an error that names the files to delete when the stage's file is damaged."""
+  try:
+    return read(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"The {stage} in {path} cannot be read ({e}). Delete it (and its .json) to recompute it.") \
+        from None
+
+
+def stored_settings(workdir: str, stage: str) -> dict | None:
+  """The settings record of a cached stage (None if it has none)."""
+  if stage == "distillation":
+    return stages.read_record(os.path.join(stage_files(workdir)[stage][0], RECORD))
+  return _read_stage(npz.load_manifest, stage, stage_files(workdir)[stage][0])["metadata"].get("settings")
+
+
+def check_cached_stages(workdir: str, expected: dict[str, dict | None]) -> None:
+  """Every cached stage must have been made under the settings it would be made with now (`expected`; None = the
+  job has no such stage). The first that was not is refused with the differing settings and the files to delete:
+  its own and every later stage's."""
+  files = stage_files(workdir)
+  order = list(files)
+  for i, stage in enumerate(order):
+    if expected.get(stage) is None or not any(os.path.exists(f) for f in files[stage]):
+      continue
+    later = [f for s in order[i:] for f in files[s] if os.path.exists(f)]
+    stages.check_reuse(stage, stored_settings(workdir, stage), expected[stage], later)
+
+
+def calibration_set(config, model_cfg, params, plan, mesh) -> calibrate.CalibrationSet:
   """FP DDIM trajectory of `calib.num_images` class-balanced images under the evaluation sampler settings."""
   s = config.sample
-  plan = sampler.make_plan(s.diffusion_steps, s.spacing)
   n = config.calib.num_images
-  parallel.check_batch_divisible(n, mesh)
   labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_cfg.num_classes, parallel.batch_sharded(mesh))
   model = dit.DiT(config=model_cfg)
   fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
@@ -37,18 +82,18 @@ def calibration_set(config, model_cfg, params, mesh) -> calibrate.CalibrationSet
                                   s.cfg_scale, model_cfg.num_classes)
 
 
-def calibrated_quant(config, model_cfg, params, table, mesh, workdir) -> tuple[dict, dict]:
-  """(`quant` collection, info) from workdir/calibrated_quant.npz, calibrating first if it is missing."""
-  path = os.path.join(workdir, "calibrated_quant.npz")
-  if os.path.exists(path):
-    quant, manifest = npz.import_npz(path)
+def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, settings) -> tuple[dict, dict]:
+  """(`quant` collection, info) from workdir/calibrated_quant.npz, calibrating under `settings` if it is missing."""
+  path = stage_files(workdir)["calibration"][0]
+  if os.path.exists(path):  # made under `settings` (check_cached_stages)
+    quant, manifest = _read_stage(npz.import_npz, "calibration", path)
     logging.info("Reusing the calibration in %s.", path)
     return quant, manifest["metadata"]
   t0 = time.time()
-  cal = calibration_set(config, model_cfg, params, mesh)
+  cal = calibration_set(config, model_cfg, params, plan, mesh)
   quant, report = calibrate.calibrate(model_cfg, params, cal, table, tuple(config.quant.omq_fractions),
                                       config.calib.omq_images_per_step, config.calib.act_sample_size)
-  info = dict(kind="calibrated_quant", seconds=time.time() - t0,
+  info = dict(kind="calibrated_quant", seconds=time.time() - t0, settings=stages.canonical(settings),
               omq_k={p: r["omq_k"] for p, r in report.items()},
               omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in report.values()]))
               if report else 0.0)
@@ -58,27 +103,24 @@ def calibrated_quant(config, model_cfg, params, table, mesh, workdir) -> tuple[d
 
 
 def distill_config(config) -> distill.DistillConfig:
-  d = config.distill
-  return distill.DistillConfig(trajectories=d.trajectories, images=d.images, seed=d.seed,
-                               lora_lr_divisor=d.lora_lr_divisor, w_quant_lr=d.w_quant_lr, a_quant_lr=d.a_quant_lr,
-                               weight_decay=d.weight_decay, trd_weight=d.trd_weight, trd_window=d.trd_window,
-                               trd_grad=d.trd_grad)
+  """The loop's static settings: every field of DistillConfig, read from config.distill."""
+  return distill.DistillConfig(**{f.name: config.distill[f.name] for f in dataclasses.fields(distill.DistillConfig)})
 
 
-def distilled_quant(config, model_cfg, params, quant, table, mesh, workdir) -> tuple[dict, dict]:
-  """Runs (or resumes) the distillation loop from the calibrated `quant`; returns (quant, metrics)."""
-  s = config.sample
-  plan = sampler.make_plan(s.diffusion_steps, s.spacing)
-  d = distill.Distiller(model_cfg, plan, table, distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,
-                        clip_x0=s.clip_x0)
-  parallel.check_batch_divisible(d.cfg.images, mesh)
+def distilled_quant(config, distiller, params, quant, mesh, workdir, settings) -> tuple[dict, dict]:
+  """Runs (or resumes) the distillation loop from the calibrated `quant`; returns (quant, metrics:
+  distill_seconds over all sessions and the last step's train_* metrics). A new stage records `settings`."""
+  d, plan = distiller, distiller.plan
+  ddir = stage_files(workdir)["distillation"][0]
+  record = os.path.join(ddir, RECORD)
+  if not os.path.exists(record):
+    common.write_json(record, stages.canonical(settings))
   state, frozen = d.init_state(quant)
   rep = parallel.replicated(mesh)
   state, frozen, params = jax.device_put((state, frozen, params), rep)
-  ddir = os.path.join(workdir, "distill")
   writer = common.metric_writer(ddir)
   mngr = loop.checkpoint_manager(ddir, config.distill)
-  state = loop.restore_latest(mngr, state)
+  state, meta = loop.restore_latest(mngr, state)
   cache = {}
 
   def batch_at(step):
@@ -91,30 +133,83 @@ def distilled_quant(config, model_cfg, params, quant, table, mesh, workdir) -> t
   logging.info("Distilling %d steps (%d trajectories x %d steps, %d images, TRD weight %g, grad %s).",
                d.num_steps, d.cfg.trajectories, len(plan.steps), d.cfg.images, d.cfg.trd_weight, d.cfg.trd_grad)
   state, final, seconds, _ = loop.run(d.jit_step(mesh, state), state, batch_at, mngr=mngr, writer=writer,
-                                      num_steps=d.num_steps, log_every=config.distill.log_every)
+                                      num_steps=d.num_steps, log_every=config.distill.log_every, meta=meta,
+                                      fix=DISTILL_FIX)
   writer.flush()
   return jax.device_get(d.merged_quant(state, frozen)), dict(distill_seconds=seconds, **final)
 
 
+def exported(config, model_cfg, params, quantize_fn, table, workdir, settings) -> tuple[str, dict]:
+  """(path, metrics) of workdir/quantized.npz, written under `settings` from `quantize_fn() -> (quant
+  collection, stage metrics)` if it is missing. The manifest keeps the accounting and the earlier stages'
+  metrics (seconds, train_*), so a reused export reports them too."""
+  path = stage_files(workdir)["export"][0]
+  if os.path.exists(path):  # made under `settings` (check_cached_stages)
+    logging.info("Reusing the export %s.", path)  # import_quantized verifies its arrays before sampling
+    return path, _read_stage(npz.load_manifest, "export", path)["metadata"]["job_metrics"]
+  quant, metrics = quantize_fn()
+  metadata = dict(method=config.method, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
+                  settings=stages.canonical(settings))
+  stats = export.export_quantized(path, model_cfg, params, quant, table, metadata,
+                                  extra_stats=metrics)
+  return path, stats
+
+
+def check_settings(config, mesh) -> sampler.StepPlan:
+  """Every setting of the job, validated before any work starts; returns the step plan."""
+  plan = sample.check_settings(config.sample, mesh)
+  c = config.calib
+  if c.num_images < 1 or not 1 <= c.omq_images_per_step <= c.num_images or c.act_sample_size < 0:
+    raise ValueError(f"calib needs num_images >= 1, 1 <= omq_images_per_step <= num_images and act_sample_size "
+                     f">= 0; got {c.num_images}, {c.omq_images_per_step}, {c.act_sample_size}.")
+  parallel.check_batch_divisible(c.num_images, mesh)
+  if config.distill.trajectories < 0:
+    raise ValueError(f"distill.trajectories must be >= 0 (0 = no distillation); got {config.distill.trajectories}.")
+  if config.distill.trajectories:
+    for key in LOOP_KEYS:
+      if config.distill[key] < 1:
+        raise ValueError(f"distill.{key} must be >= 1; got {config.distill[key]}.")
+    distill_config(config)  # raises on a bad trd_grad, images, window
+    parallel.check_batch_divisible(config.distill.images, mesh)
+  return plan
+
+
 def run(config, workdir: str) -> dict:
-  model_cfg, params = sample.load_dit(config.params)
   mesh = parallel.make_mesh(config.num_devices or None)
-  num_steps = len(sampler.make_plan(config.sample.diffusion_steps, config.sample.spacing).steps)
-  table = policy.policy_table(config.quant, num_steps)
+  plan = check_settings(config, mesh)
+  table = policy.policy_table(config.quant, len(plan.steps))
+  model_cfg, params = sample.load_dit(config.params)
   layer_paths = sorted({k.rsplit("/", 1)[0] for k in npz.flatten(calibrate.quant_template(model_cfg, table))})
   layers.check_policy_table(table, layer_paths)  # a mistyped keep_8bit pattern would silently match nothing
-  result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits)
-  quant, info = calibrated_quant(config, model_cfg, params, table, mesh, workdir)
-  result.update(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
+  s = config.sample
+  distiller = None
   if config.distill.trajectories:
-    quant, metrics = distilled_quant(config, model_cfg, params, quant, table, mesh, workdir)
-    result.update(metrics)
-  result["quant_seconds"] = result["calib_seconds"] + result["distill_seconds"]
-  path = os.path.join(workdir, "quantized.npz")
-  stats = export.export_quantized(path, model_cfg, params, quant, table,
-                                  metadata=dict(method=config.method, w_bits=config.quant.w_bits,
-                                                a_bits=config.quant.a_bits))
-  result.update(stats)
+    distiller = distill.Distiller(model_cfg, plan, table, distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,
+                                  clip_x0=s.clip_x0)
+  # What each stage's result depends on (stage caches are reused only under equal settings).
+  calib_settings = dict(params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
+                        quant=config.quant.to_dict(), policies={p: dataclasses.asdict(pol) for p, pol in table},
+                        calib=config.calib.to_dict(), sampler=dict(diffusion_steps=s.diffusion_steps,
+                                                                   spacing=s.spacing, cfg_scale=s.cfg_scale,
+                                                                   eta=s.eta, clip_x0=s.clip_x0))
+  distill_settings = dict(calib_settings, distill={k: v for k, v in config.distill.to_dict().items()
+                                                   if k not in LOOP_KEYS})
+  export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
+  check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
+                                    distillation=distill_settings if distiller is not None else None))
+  quant, info = calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, calib_settings)
+
+  def quantize():
+    metrics = dict(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
+    q = quant
+    if distiller is not None:
+      q, distilled = distilled_quant(config, distiller, params, quant, mesh, workdir, distill_settings)
+      metrics.update(distilled)
+    metrics["quant_seconds"] = metrics["calib_seconds"] + metrics["distill_seconds"]
+    return q, metrics
+
+  path, job_metrics = exported(config, model_cfg, params, quantize, table, workdir, export_settings)
+  result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = export.import_quantized(path)
   result.update(sample.sample_and_score(config.sample, model_cfg, variables, workdir, mesh, int_table),
                 params=sum(int(np.size(x)) for x in jax.tree.leaves(params)))  # weights of the model, not the file

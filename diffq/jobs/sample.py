@@ -13,34 +13,58 @@ from diffq.eval import flops
 from diffq.io import npz
 from diffq.jobs import common
 from diffq.models import dit
+from diffq.quant import export
 
 
 def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
-  """(DiTConfig, params) from a diffq export (manifest kind=dit_params) or a training workdir (latest EMA)."""
+  """(DiTConfig, params) from a diffq export (manifest kind=dit_params) or a training workdir (latest EMA); the
+  arrays are checked against the config's parameter shapes."""
   if os.path.isdir(path):
-    return _load_training_run(path)
+    model_cfg, params = _load_training_run(path)
+    npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{path} (model {model_cfg})")
+    return model_cfg, params
   params, manifest = npz.import_npz(path)
   meta = manifest["metadata"]
   if meta.get("kind") != "dit_params" or "model" not in meta:
+    hint = (" It is a quantized export: the sample job takes it as --config.params; quantizing needs the FP "
+            "export it came from." if meta.get("kind") == export.KIND else "")
     raise ValueError(f"{path} is not a DiT parameter export (manifest metadata kind={meta.get('kind')!r}); "
-                     "export one with diffq.io.npz.export_npz(..., metadata=dict(kind='dit_params', model=...)).")
-  return dit.DiTConfig(**meta["model"]), params
+                     "export one with diffq.io.npz.export_npz(..., metadata=dict(kind='dit_params', model=...))."
+                     + hint)
+  model_cfg = _model_config(meta["model"], path)
+  npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{path} (model {meta['model']})")
+  return model_cfg, params
+
+
+def load_model(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
+  """(DiTConfig, variables, policy table) of an FP export / training workdir (table ()) or of a quantized export
+  (`quantize` job's quantized.npz: its intweight table): anything the sampler can run."""
+  if not os.path.isdir(path) and npz.load_manifest(path)["metadata"].get("kind") == export.KIND:
+    return export.import_quantized(path)
+  model_cfg, params = load_dit(path)
+  return model_cfg, {"params": params}, ()
+
+
+def _model_config(fields: dict, path: str) -> dit.DiTConfig:
+  try:
+    return dit.DiTConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: its model config {fields} is not a valid DiTConfig ({e}).") from None
 
 
 def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
   import json
-  import orbax.checkpoint as ocp
   from diffq.jobs import loop
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.exists(cfg_path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise FileNotFoundError(f"{workdir} is not a diffq training workdir (needs config.json and checkpoints/).")
   with open(cfg_path) as f:
-    model_cfg = dit.DiTConfig(**json.load(f)["model"])
+    model_cfg = _model_config(json.load(f)["model"], cfg_path)
   mngr = loop.open_readonly(workdir)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints yet.")
-  state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
-  logging.info("Loaded EMA params of %s at step %d.", workdir, mngr.latest_step())
+  state, _ = loop.restore_latest(mngr, set_aside=False)
+  logging.info("Loaded EMA params of %s at step %d.", workdir, int(state["step"]))
   return model_cfg, jax.device_get(state["ema"])
 
 
@@ -57,6 +81,27 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mes
 
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
+
+
+def check_settings(config, mesh) -> sampler.StepPlan:
+  """Validates every sampling (and scoring) setting before any work starts; returns the step plan."""
+  for key in ("num_samples", "batch_size", "diffusion_steps"):
+    if not isinstance(config[key], int) or config[key] <= 0:
+      raise ValueError(f"{key} must be a positive integer; got {config[key]!r}. Set --config.{key}=N.")
+  if config.grid_per_class < 0:
+    raise ValueError(f"grid_per_class must be >= 0; got {config.grid_per_class}.")
+  if config.method not in sampler.METHODS:
+    raise ValueError(f"Unknown sampling method {config.method!r}; set --config.method to one of {sampler.METHODS}.")
+  if not config.eta >= 0.0 or (config.method == "ddpm" and config.eta):
+    raise ValueError(f"eta must be >= 0 (and is only used by ddim); got eta={config.eta} with {config.method}.")
+  if not config.cfg_scale >= 1.0:
+    raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance); got {config.cfg_scale}.")
+  parallel.check_batch_divisible(config.batch_size, mesh)
+  plan = sampler.make_plan(config.diffusion_steps, config.spacing)
+  if config.evaluate:
+    from diffq.jobs import evaluate
+    evaluate.check_settings(config.eval)
+  return plan
 
 
 def generate(config, model_cfg, variables, mesh, policies=()) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +125,13 @@ def generate(config, model_cfg, variables, mesh, policies=()) -> tuple[np.ndarra
     pad = config.batch_size - n  # keep one compiled shape; padded rows are dropped
     b_ids_p = np.concatenate([b_ids, np.full(pad, b_ids[-1])]).astype(np.int32)
     b_lab, b_idp = parallel.shard_batch((labels[b_ids_p], b_ids_p), mesh)
-    x = fn(variables, key, b_lab, b_idp)
-    out.append(data.to_uint8(jax.device_get(x))[:n])
+    x = np.asarray(jax.device_get(fn(variables, key, b_lab, b_idp)))[:n]
+    if not np.isfinite(x).all():
+      raise FloatingPointError(
+          f"The sampler returned NaN/inf for {int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())} of samples "
+          f"{start}..{start + n - 1}: the model's outputs are not finite (a diverged or damaged export?). Nothing "
+          "was written; check the model (quantize job: lower the distillation learning rates).")
+    out.append(data.to_uint8(x))
     progress(start + n)
   return np.concatenate(out), labels
 
@@ -90,7 +140,7 @@ def save_samples(path: str, images_u8: np.ndarray, labels: np.ndarray) -> None:
   def write(tmp):
     with open(tmp, "wb") as f:
       np.savez(f, arr_0=images_u8, arr_1=labels)
-  npz._atomic_write(path, write)
+  npz.atomic_write(path, write)
 
 
 def sample_and_score(config, model_cfg, variables, workdir: str, mesh, policies=()) -> dict:
@@ -115,8 +165,9 @@ def sample_and_score(config, model_cfg, variables, workdir: str, mesh, policies=
 
 
 def run(config, workdir: str) -> dict:
-  model_cfg, params = load_dit(config.params)
-  result = sample_and_score(config, model_cfg, {"params": params}, workdir,
-                            parallel.make_mesh(config.num_devices or None))
+  mesh = parallel.make_mesh(config.num_devices or None)
+  check_settings(config, mesh)
+  model_cfg, variables, table = load_model(config.params)
+  result = sample_and_score(config, model_cfg, variables, workdir, mesh, table)
   common.write_metrics(workdir, result)
   return result

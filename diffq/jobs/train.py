@@ -72,7 +72,7 @@ def run(config, workdir: str) -> dict:
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # lets sample.load_dit read a run
   state = jax.device_put(init_state(config, model_cfg), parallel.replicated(mesh))
   mngr = loop.checkpoint_manager(workdir, config)
-  state = loop.restore_latest(mngr, state)
+  state, meta = loop.restore_latest(mngr, state)
   step_fn = compile_train_step(config, model_cfg, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("DiT %s: %.2fM params, %d devices, batch %d, steps %d..%d.", model_cfg, n_params / 1e6,
@@ -82,10 +82,11 @@ def run(config, workdir: str) -> dict:
     idx = data.epoch_batches(len(images), config.batch_size, config.seed, step)
     return parallel.shard_batch((images[idx], labels[idx]), mesh)
 
-  state, final, seconds, steps_run = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
-                                              num_steps=config.num_steps, log_every=config.log_every)
+  state, final, seconds, _ = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
+                                              num_steps=config.num_steps, log_every=config.log_every,
+                                              meta=meta, fix="lower --config.lr or set --config.grad_clip")
   result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds,
-                images_per_second=steps_run * config.batch_size / max(seconds, 1e-9), **final)
+                images_per_second=int(state["step"]) * config.batch_size / max(seconds, 1e-9), **final)
   if config.export_ema:
     npz.export_npz(os.path.join(workdir, "ema_params.npz"), jax.device_get(state["ema"]),
                    metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))

@@ -86,7 +86,7 @@ def run(config, workdir: str) -> dict:
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   state = jax.device_put(init_state(config, model, num_steps), parallel.replicated(mesh))
   mngr = loop.checkpoint_manager(workdir, config)
-  state = loop.restore_latest(mngr, state)
+  state, meta = loop.restore_latest(mngr, state)
   step_fn = compile_train_step(config, model, num_steps, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Classifier %s: %d params, %d devices, batch %d, steps %d..%d (%.2f epochs).", model, n_params,
@@ -97,7 +97,8 @@ def run(config, workdir: str) -> dict:
     return parallel.shard_batch((images[idx], labels[idx]), mesh)
 
   state, final, train_seconds, _ = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
-                                            num_steps=num_steps, log_every=config.log_every)
+                                            num_steps=num_steps, log_every=config.log_every,
+                                            meta=meta, fix="lower --config.lr")
   variables = jax.device_get(dict(params=state["params"], batch_stats=state["batch_stats"]))
   test_accuracy = evaluator.Evaluator(model, variables).class_accuracy(data.to_uint8(test_images), test_labels)
   logging.info("Test accuracy %.4f after %d steps (%.0f s of training).", test_accuracy, num_steps, train_seconds)

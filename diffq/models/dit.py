@@ -232,6 +232,14 @@ def init_params(config: DiTConfig, rng: jax.Array) -> dict:
   return DiT(config=config).init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
 
 
+def variable_shapes(config: DiTConfig, policies: layers.PolicyTable = ()) -> dict:
+  """{collection: tree of jax.ShapeDtypeStruct} of a DiT under `policies`, without allocating anything."""
+  x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
+  model = DiT(config=config, policies=tuple(policies))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32),
+                                           jnp.zeros((1,), jnp.int32)))
+
+
 PRESETS = {
     **{f"DiT-{name}/{p}": dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=p)
        for name, (depth, hidden, heads) in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),

@@ -61,10 +61,11 @@ def integer_codes(params, quant, table: layers.PolicyTable) -> dict:
 
 
 def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: layers.PolicyTable,
-                     metadata: dict | None = None) -> dict:
+                     metadata: dict | None = None, extra_stats: dict | None = None) -> dict:
   """Writes the export; returns stats: bits_per_weight (stored bits per matmul/embedding weight; float ones
   count 32), model_bytes (all stored arrays) = code_bytes (packed codes) + scale_bytes (other quantizer arrays)
-  + float_bytes (float params), fp_model_bytes (the float32 params of the fake-quant model)."""
+  + float_bytes (float params), fp_model_bytes (the float32 params of the fake-quant model), plus
+  `extra_stats` (e.g. the producing job's seconds). The manifest keeps them as metadata["job_metrics"]."""
   params = jax.device_get(params)
   quant_int = jax.device_get(integer_codes(params, jax.device_get(quant), table))
   flat = {"params/" + k: np.asarray(v) for k, v in npz.flatten(params).items()}
@@ -85,15 +86,17 @@ def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: 
     n_quantized += codes.size
   float_weights = sum(v.size for k, v in flat.items() if k.startswith("params/") and k.endswith(("kernel",
                                                                                                  "embedding")))
+  nbytes = lambda keep: sum(int(v.nbytes) for k, v in flat.items() if keep(k))
+  stats = dict(extra_stats or {},
+               bits_per_weight=(code_bits + 32 * float_weights) / (n_quantized + float_weights),
+               model_bytes=nbytes(lambda k: True), code_bytes=nbytes(lambda k: k.endswith("/w_packed")),
+               scale_bytes=nbytes(lambda k: k.startswith("quant/") and not k.endswith("/w_packed")),
+               float_bytes=nbytes(lambda k: k.startswith("params/")),
+               fp_model_bytes=int(sum(4 * np.size(v) for v in jax.tree.leaves(params))))
   meta = dict(metadata or {}, kind=KIND, model=dataclasses.asdict(model_cfg), layers=shapes,
-              policies=[[pat, dataclasses.asdict(pol)] for pat, pol in table])
+              policies=[[pat, dataclasses.asdict(pol)] for pat, pol in table], job_metrics=stats)
   npz.export_npz(path, npz.unflatten(flat), metadata=meta)
-  nbytes = lambda keep: sum(v.nbytes for k, v in flat.items() if keep(k))
-  return dict(bits_per_weight=(code_bits + 32 * float_weights) / (n_quantized + float_weights),
-              model_bytes=nbytes(lambda k: True), code_bytes=nbytes(lambda k: k.endswith("/w_packed")),
-              scale_bytes=nbytes(lambda k: k.startswith("quant/") and not k.endswith("/w_packed")),
-              float_bytes=nbytes(lambda k: k.startswith("params/")),
-              fp_model_bytes=sum(4 * np.size(v) for v in jax.tree.leaves(params)))
+  return stats
 
 
 def _decode(packed: np.ndarray, q: dict, pol: layers.LayerPolicy, n_in: int, n_out: int) -> np.ndarray:
