@@ -28,6 +28,8 @@ def batch_sharded(mesh) -> NamedSharding:
 
 def check_batch_divisible(batch_size: int, mesh) -> None:
   n = mesh.devices.size
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"A batch size must be a positive integer; got {batch_size!r}.")
   if batch_size % n:
     raise ValueError(f"Global batch size {batch_size} is not divisible by the {n} devices of the mesh; "
                      f"choose a multiple of {n}.")

@@ -42,11 +42,11 @@ def test_a_python312_on_path_is_used(tmp_path, bindir):
 def test_an_unselected_pyenv_version_is_called_by_its_path(tmp_path, bindir):
   script(bindir / "python3.12", 'echo "pyenv: python3.12: command not found" >&2; exit 127\n')  # a shim
   root = tmp_path / "pyenv"
-  (root / "versions" / "3.12.1" / "bin").mkdir(parents=True)
+  (root / "versions" / "3.12.9" / "bin").mkdir(parents=True)
   (root / "versions" / "3.12.10" / "bin").mkdir(parents=True)
-  fake_python(root / "versions" / "3.12.1" / "bin" / "python3.12", True)
+  fake_python(root / "versions" / "3.12.9" / "bin" / "python3.12", True)
   fake_python(root / "versions" / "3.12.10" / "bin" / "python3.12", True)
-  script(bindir / "pyenv", f'case "$1" in root) echo {root};; versions) printf "3.11.7\\n3.12.1\\n3.12.10\\n";; '
+  script(bindir / "pyenv", f'case "$1" in root) echo {root};; versions) printf "3.11.7\\n3.12.9\\n3.12.10\\n";; '
                            'esac\n')
   out = which(tmp_path)
   assert out.returncode == 0 and out.stdout.strip() == f"{root}/versions/3.12.10/bin/python3.12", out.stderr

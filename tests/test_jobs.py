@@ -79,3 +79,19 @@ def test_export_dit_round_trip_gives_identical_samples(tiny_export, tmp_path):
 def _cfg_vars(path):
   model_cfg, params = sample.load_dit(path)
   return model_cfg, {"params": params}
+
+
+def test_non_finite_samples_and_metrics_are_never_written(tiny_export, tmp_path):
+  from diffq import parallel
+  from diffq.jobs import common
+  model_cfg, params = sample.load_dit(tiny_export)
+  params = dict(params, final_layer={**params["final_layer"],
+                                     "linear": {**params["final_layer"]["linear"],
+                                                "bias": np.full_like(params["final_layer"]["linear"]["bias"],
+                                                                     np.nan)}})
+  with pytest.raises(FloatingPointError, match=r"NaN/inf for 8 of samples 0..7"):
+    sample.sample_and_score(sample_cfg(tiny_export, num_samples=8), model_cfg, {"params": params},
+                            str(tmp_path), parallel.make_mesh(1))
+  with pytest.raises(FloatingPointError, match=r"\['fid'\] are NaN/inf"):
+    common.write_metrics(str(tmp_path), dict(fid=float("nan"), seconds=1.0))
+  assert not os.listdir(tmp_path)

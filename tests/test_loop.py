@@ -16,21 +16,22 @@ class NullWriter:
     pass
 
 
-def toy(nan_at=None):
-  """state w += 1 per step; the loss turns NaN from step `nan_at` on."""
+def toy(nan_at=None, loss_is_finite=False):
+  """state w += 1 per step; from step `nan_at` on the update is NaN, and so is the loss unless `loss_is_finite`
+  (a loss computed before an update that overflows)."""
   @jax.jit
   def step_fn(state, x):
     w = state["w"] + x
     bad = (nan_at is not None) & (state["step"] >= (nan_at if nan_at is not None else 0))
-    loss = jnp.where(bad, jnp.nan, jnp.sum(w))
+    loss = jnp.where(bad & (not loss_is_finite), jnp.nan, jnp.sum(w))
     return dict(step=state["step"] + 1, w=jnp.where(bad, jnp.nan, w)), dict(loss=loss, grad_norm=jnp.float32(1))
   return step_fn, dict(step=jnp.zeros((), jnp.int32), w=jnp.zeros(3))
 
 
-def run(workdir, num_steps, nan_at=None, every=2):
+def run(workdir, num_steps, nan_at=None, every=2, **kw):
   cfg = ml_collections.ConfigDict(dict(keep_checkpoints=5, checkpoint_every=every))
   mngr = loop.checkpoint_manager(workdir, cfg)
-  step_fn, state = toy(nan_at)
+  step_fn, state = toy(nan_at, **kw)
   state, meta = loop.restore_latest(mngr, state)
   out = loop.run(step_fn, state, lambda s: (jnp.ones(3),), mngr=mngr, writer=NullWriter(), num_steps=num_steps,
                  log_every=1000, meta=meta, fix="lower --config.lr")
@@ -44,6 +45,21 @@ def test_divergence_stops_the_run_before_any_diverged_checkpoint(tmp_path):
   assert mngr.latest_step() == 4  # steps 0..4 finished; the state after step 5 (NaN) was never saved
   state, _ = loop.restore_latest(mngr, set_aside=False)
   assert np.isfinite(np.asarray(state["w"])).all()
+
+
+def test_a_state_that_overflows_under_finite_metrics_is_not_saved(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"state after step 5 .* holds NaN/inf although its metrics"):
+    run(str(tmp_path), 12, nan_at=5, loss_is_finite=True)
+  assert loop.open_readonly(str(tmp_path)).latest_step() == 4
+
+
+def test_checkpoints_of_the_single_item_format_still_resume(tmp_path):
+  import orbax.checkpoint as ocp
+  old = ocp.CheckpointManager(str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
+  old.save(2, args=ocp.args.StandardSave(dict(step=jnp.int32(2), w=jnp.full(3, 2.0))))
+  old.wait_until_finished()
+  (state, final, _, steps_run), _ = run(str(tmp_path), 4)
+  assert steps_run == 2 and np.asarray(state["w"]).tolist() == [4.0] * 3 and final["train_loss"] == 12.0
 
 
 def test_resumed_run_reports_all_sessions(tmp_path):

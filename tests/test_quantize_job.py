@@ -63,6 +63,9 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
   sample.run(c, str(tmp_path / "sampled"))
   with np.load(tmp_path / "sampled" / "samples.npz") as f:
     np.testing.assert_array_equal(f["arr_0"], shipped)
+  c.spacing = "ddim2"  # per-step activation quantizers fit only the plan they were calibrated on
+  with pytest.raises(ValueError, match=r"another timestep plan \(spacing: export 'ddim4', config 'ddim2'\)"):
+    sample.run(c, str(tmp_path / "other_plan"))
 
 
 def test_unknown_method_is_refused():
@@ -154,5 +157,8 @@ def test_a_damaged_calibration_names_the_files_to_delete(tiny_export, tmp_path):
   quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))
   with open(tmp_path / "calibrated_quant.npz", "r+b") as f:
     f.truncate(100)
+  assert quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))  # export reused
+  for name in ("quantized.npz", "quantized.json"):
+    os.remove(tmp_path / name)
   with pytest.raises(ValueError, match=r"calibration in .*calibrated_quant.npz cannot be read .*Delete it"):
     quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))

@@ -80,7 +80,7 @@ def manifest_path(npz_path: str) -> str:
 
 def _manifest_checksum(manifest: Mapping) -> str:
   """sha256 of the canonical JSON of everything in the manifest but this checksum (the npz's sha256 included)."""
-  body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+  body = json.loads(json.dumps({k: v for k, v in manifest.items() if k != "manifest_sha256"}))  # as read back
   return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -113,6 +113,10 @@ def export_npz(path: str, tree: Mapping, metadata: Mapping[str, Any] | None = No
     raise ValueError(f"Export path must end in .npz; got {path!r}.")
   flat = flatten(tree)
   check_finite(flat, f"Export {path}")
+  try:
+    json.dumps(dict(metadata or {}), allow_nan=False)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"Export {path}: its metadata is not strict JSON ({e}); nothing was written.") from None
 
   def write_npz(tmp):
     with open(tmp, "wb") as f:
@@ -178,8 +182,9 @@ def read_npz(path: str, fix: str = "") -> dict[str, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
-  except ValueError as e:  # numpy refuses object arrays when allow_pickle=False
-    raise ValueError(f"{path} holds pickled object arrays; refusing to load it ({e}). {fix}".strip()) from None
+  except ValueError as e:  # numpy refuses object arrays when allow_pickle=False; or a malformed .npy header
+    what = "holds pickled object arrays; refusing to load it" if "pickle" in str(e) else "holds a malformed array"
+    raise ValueError(f"{path} {what} ({e}). {fix}".strip()) from None
   except (zipfile.BadZipFile, OSError, EOFError, KeyError) as e:
     raise ValueError(f"{path} is a damaged .npz archive, e.g. truncated ({type(e).__name__}: {e}). "
                      f"{fix}".strip()) from None

@@ -17,8 +17,9 @@ from diffq.jobs import common
 DIR_FLAG = "--config.eval.data_dir"  # where every scoring job keeps the dataset directory
 
 
-def check_settings(eval_cfg) -> None:
-  """Validates the scoring settings before any work: evaluator export, split, KID sizes, the reference data."""
+def check_settings(eval_cfg, dir_flag: str = DIR_FLAG) -> None:
+  """Validates the scoring settings before any work: evaluator export, split, KID sizes, the reference data
+  (`dir_flag`: the command-line key of eval_cfg.data_dir, for the error message)."""
   path = eval_cfg.evaluator or evaluator_lib.DEFAULT_PATH
   sha = npz.load_manifest(path)["sha256"]
   if eval_cfg.reference_split not in ("train", "test"):
@@ -27,7 +28,7 @@ def check_settings(eval_cfg) -> None:
     raise ValueError(f"eval.kid_subsets must be >= 1 and eval.kid_subset_size >= 2; got {eval_cfg.kid_subsets}, "
                      f"{eval_cfg.kid_subset_size}.")
   if not reference.cached(eval_cfg.cache_dir, sha, eval_cfg.reference_split):
-    data.load_raw(eval_cfg.reference_split, eval_cfg.data_dir, DIR_FLAG)  # the reference must be computable
+    data.load_raw(eval_cfg.reference_split, eval_cfg.data_dir, dir_flag)  # the reference must be computable
 
 
 def score(eval_cfg, images_u8: np.ndarray, labels: np.ndarray | None) -> dict:

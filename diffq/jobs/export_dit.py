@@ -8,16 +8,16 @@ import jax
 import numpy as np
 
 from diffq.io import npz
-from diffq.jobs import common, loop, sample
+from diffq.jobs import common, sample
 
 
 def run(config, workdir: str) -> dict:
   if not config.source or not config.dest:
     raise ValueError("Set --config.source (training workdir or DiT export) and --config.dest (.npz path).")
-  model_cfg, params = sample.load_dit(config.source)
-  steps = None
   if os.path.isdir(config.source):
-    steps = loop.open_readonly(config.source).latest_step()
+    model_cfg, params, steps = sample.load_training_run(config.source)
+  else:
+    (model_cfg, params), steps = sample.load_dit(config.source), None
   manifest = npz.export_npz(config.dest, jax.device_get(params),
                             metadata=dict(kind="dit_params", model=dataclasses.asdict(model_cfg), steps=steps,
                                           source=os.path.abspath(config.source)))

@@ -14,12 +14,25 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffq.jobs import common
 
 STATE, META = "state", "meta"
+LEGACY = "default"  # the one item of checkpoints written before `meta` existed
+
+
+LOOP_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints")  # the loop's own settings: no effect on results
+
+
+def check_settings(config, prefix: str = "--config.") -> None:
+  """The loop's settings in `config` must be positive (validated before any work; `prefix`: their CLI path)."""
+  for key in LOOP_KEYS:
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"{key} must be a positive integer; got {config[key]!r}. Set {prefix}{key}.")
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -44,9 +57,13 @@ def restore_latest(mngr: ocp.CheckpointManager, state=None, *, set_aside: bool =
   checkpoint restores, nothing is moved and the error names the directory and the fix."""
   failures = []
   for step in sorted(mngr.all_steps(), reverse=True):
+    legacy = os.path.join(str(mngr.directory), str(step), LEGACY)
     args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(state), META: ocp.args.JsonRestore()})
     try:
-      restored = mngr.restore(step, args=args)
+      if os.path.isdir(legacy):  # a single-item checkpoint of diffq before the meta item: no seconds recorded
+        restored = {STATE: ocp.StandardCheckpointer().restore(legacy, state), META: dict(seconds=0.0, metrics={})}
+      else:
+        restored = mngr.restore(step, args=args)
     except Exception as e:  # orbax/tensorstore raise many types for a damaged or incompatible checkpoint
       first = (str(e).strip().splitlines() or [""])[0][:300]
       logging.warning("Checkpoint %s/%d cannot be restored (%s: %s); trying an earlier one.", mngr.directory, step,
@@ -55,10 +72,13 @@ def restore_latest(mngr: ocp.CheckpointManager, state=None, *, set_aside: bool =
       continue
     if failures and set_aside:
       aside = os.path.join(os.path.dirname(str(mngr.directory)), "corrupt_checkpoints")
-      os.makedirs(aside, exist_ok=True)
-      for bad, _ in failures:
-        shutil.move(os.path.join(str(mngr.directory), str(bad)), os.path.join(aside, f"{bad}-{time.time():.0f}"))
-      logging.warning("Moved unreadable checkpoints %s to %s.", [s for s, _ in failures], aside)
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for bad, _ in failures:
+          shutil.move(os.path.join(str(mngr.directory), str(bad)), os.path.join(aside, f"{bad}-{time.time():.0f}"))
+        logging.warning("Moved unreadable checkpoints %s to %s.", [s for s, _ in failures], aside)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("diffq_checkpoint_fallback")
       mngr.reload()
     logging.info("Resumed from checkpoint at step %d.", step)
     return restored[STATE], dict(restored[META])
@@ -67,6 +87,12 @@ def restore_latest(mngr: ocp.CheckpointManager, state=None, *, set_aside: bool =
                      f"{failures[0][1]}). If the run's settings changed, use a new --workdir; if the files are "
                      f"damaged, delete {mngr.directory} to start this stage over.")
   return state, dict(seconds=0.0, metrics={})
+
+
+@jax.jit
+def _all_finite(state) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def _first_non_finite(pending) -> tuple[int, list[str]] | None:
@@ -82,8 +108,9 @@ def run(step_fn: Callable, state, batch_at: Callable, *, mngr, writer, num_steps
         meta: dict | None = None, fix: str = "lower the learning rate"):
   """Runs state["step"]..num_steps-1 with `state, metrics = step_fn(state, *batch_at(step))`.
 
-  Metrics are checked for NaN/inf every `log_every` steps and before every checkpoint, so no checkpoint holds a
-  diverged state; the first non-finite step stops the run with an error naming the step, the metrics and `fix`.
+  Metrics are checked for NaN/inf every `log_every` steps and before every checkpoint, and so is the state before
+  it is saved, so no checkpoint holds a diverged state; the first non-finite step stops the run with an error
+  naming the step, the metrics and `fix`.
   `meta` is the restored checkpoint's (seconds and metrics of earlier sessions). Returns (state, final metrics
   as floats prefixed 'train_', wall seconds over all sessions, steps run now)."""
   meta = meta or dict(seconds=0.0, metrics={})
@@ -107,15 +134,19 @@ def run(step_fn: Callable, state, batch_at: Callable, *, mngr, writer, num_steps
         writer.write_scalars(step, jax.device_get(last))  # the previous step's: no sync on this one
       last = metrics
       progress(step + 1)
-      final_step = step + 1 == num_steps
-      if (step + 1) % log_every == 0 or mngr.should_save(step + 1) or final_step:
+      save = mngr.should_save(step + 1) or step + 1 == num_steps
+      if (step + 1) % log_every == 0 or save:
         check()
-      if mngr.should_save(step + 1) or final_step:
+      if save:
+        if not bool(_all_finite(state)):  # the update of a finite step can still overflow
+          raise FloatingPointError(
+              f"Training diverged: the state after step {step} (0-based) holds NaN/inf although its metrics are "
+              f"finite. To fix: {fix}. It was not saved (latest checkpoint: step {mngr.latest_step()}).")
         meta = dict(seconds=meta["seconds"] + time.time() - t0, metrics={k: float(v) for k, v in
                                                                         jax.device_get(metrics).items()})
         t0 = time.time()
         mngr.save(step + 1, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                                       META: ocp.args.JsonSave(meta)}), force=final_step)
+                                                       META: ocp.args.JsonSave(meta)}), force=step + 1 == num_steps)
   finally:
     mngr.wait_until_finished()  # the checkpoints saved before a failure are complete
   final = {f"train_{k}": v for k, v in meta["metrics"].items()}

@@ -24,7 +24,6 @@ from diffq.jobs import common, loop, sample, stages
 from diffq.models import dit, layers
 from diffq.quant import export, policy
 
-LOOP_KEYS = ("checkpoint_every", "keep_checkpoints", "log_every")  # distill keys that do not change the result
 DISTILL_FIX = ("lower the distillation learning rates (--config.distill.a_quant_lr, --config.distill.w_quant_lr; "
                "a larger --config.distill.lora_lr_divisor lowers LoRA's)")
 
@@ -157,7 +156,7 @@ def exported(config, model_cfg, params, quantize_fn, table, workdir, settings) -
 
 def check_settings(config, mesh) -> sampler.StepPlan:
   """Every setting of the job, validated before any work starts; returns the step plan."""
-  plan = sample.check_settings(config.sample, mesh)
+  plan = sample.check_settings(config.sample, mesh, "--config.sample.")
   c = config.calib
   if c.num_images < 1 or not 1 <= c.omq_images_per_step <= c.num_images or c.act_sample_size < 0:
     raise ValueError(f"calib needs num_images >= 1, 1 <= omq_images_per_step <= num_images and act_sample_size "
@@ -166,9 +165,7 @@ def check_settings(config, mesh) -> sampler.StepPlan:
   if config.distill.trajectories < 0:
     raise ValueError(f"distill.trajectories must be >= 0 (0 = no distillation); got {config.distill.trajectories}.")
   if config.distill.trajectories:
-    for key in LOOP_KEYS:
-      if config.distill[key] < 1:
-        raise ValueError(f"distill.{key} must be >= 1; got {config.distill[key]}.")
+    loop.check_settings(config.distill, "--config.distill.")
     distill_config(config)  # raises on a bad trd_grad, images, window
     parallel.check_batch_divisible(config.distill.images, mesh)
   return plan
@@ -186,20 +183,25 @@ def run(config, workdir: str) -> dict:
   if config.distill.trajectories:
     distiller = distill.Distiller(model_cfg, plan, table, distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,
                                   clip_x0=s.clip_x0)
-  # What each stage's result depends on (stage caches are reused only under equal settings).
-  calib_settings = dict(params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
-                        quant=config.quant.to_dict(), policies={p: dataclasses.asdict(pol) for p, pol in table},
-                        calib=config.calib.to_dict(), sampler=dict(diffusion_steps=s.diffusion_steps,
-                                                                   spacing=s.spacing, cfg_scale=s.cfg_scale,
-                                                                   eta=s.eta, clip_x0=s.clip_x0))
-  distill_settings = dict(calib_settings, distill={k: v for k, v in config.distill.to_dict().items()
-                                                   if k not in LOOP_KEYS})
+  # What each stage's result depends on (stage caches are reused only under equal settings). The quantizers'
+  # gradient rule matters from distillation on; the OMQ search settings only where OMQ runs.
+  calib_only = lambda d, drop: {k: v for k, v in d.items() if k not in drop}
+  omq_keys = () if config.quant.omq else ("omq_fractions", "omq_images_per_step")
+  calib_settings = dict(
+      params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
+      quant=calib_only(config.quant.to_dict(), ("grad",) + omq_keys),
+      policies={p: calib_only(dataclasses.asdict(pol), ("grad",)) for p, pol in table},
+      calib=calib_only(config.calib.to_dict(), omq_keys),
+      sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
+                   clip_x0=s.clip_x0))
+  distill_settings = dict(calib_settings, grad=config.quant.grad,
+                          distill={k: v for k, v in config.distill.to_dict().items() if k not in loop.LOOP_KEYS})
   export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
   check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
                                     distillation=distill_settings if distiller is not None else None))
-  quant, info = calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, calib_settings)
 
   def quantize():
+    quant, info = calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, calib_settings)
     metrics = dict(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
     q = quant
     if distiller is not None:

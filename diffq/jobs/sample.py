@@ -20,9 +20,7 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
   """(DiTConfig, params) from a diffq export (manifest kind=dit_params) or a training workdir (latest EMA); the
   arrays are checked against the config's parameter shapes."""
   if os.path.isdir(path):
-    model_cfg, params = _load_training_run(path)
-    npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{path} (model {model_cfg})")
-    return model_cfg, params
+    return load_training_run(path)[:2]
   params, manifest = npz.import_npz(path)
   meta = manifest["metadata"]
   if meta.get("kind") != "dit_params" or "model" not in meta:
@@ -39,10 +37,28 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
 def load_model(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
   """(DiTConfig, variables, policy table) of an FP export / training workdir (table ()) or of a quantized export
   (`quantize` job's quantized.npz: its intweight table): anything the sampler can run."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No model at {path}: set --config.params to a diffq export (.npz with its .json "
+                            "manifest), a quantized export or a training workdir.")
   if not os.path.isdir(path) and npz.load_manifest(path)["metadata"].get("kind") == export.KIND:
     return export.import_quantized(path)
   model_cfg, params = load_dit(path)
   return model_cfg, {"params": params}, ()
+
+
+def check_plan_matches_export(config, path: str) -> None:
+  """A quantized export keeps one activation quantizer per step of the plan it was calibrated on: sampling it
+  with another timestep plan would apply them to the wrong steps, so the plan must be the same."""
+  made = npz.load_manifest(path)["metadata"].get("settings", {}).get("sampler")
+  if made is None:
+    raise ValueError(f"{path} does not record the sampler it was calibrated for (written by an older diffq); "
+                     "re-export it with the quantize job.")
+  wrong = [f"{k}: export {made[k]!r}, config {config[k]!r}" for k in ("diffusion_steps", "spacing")
+           if made[k] != config[k]]
+  if wrong:
+    raise ValueError(f"{path} was calibrated for another timestep plan ({'; '.join(wrong)}); its per-step "
+                     "activation quantizers fit only that plan. Sample it with the plan it was made for, or "
+                     "quantize again under the new one.")
 
 
 def _model_config(fields: dict, path: str) -> dit.DiTConfig:
@@ -52,7 +68,8 @@ def _model_config(fields: dict, path: str) -> dit.DiTConfig:
     raise ValueError(f"{path}: its model config {fields} is not a valid DiTConfig ({e}).") from None
 
 
-def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
+def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
+  """(DiTConfig, EMA params, step) of the newest restorable checkpoint of a training workdir."""
   import json
   from diffq.jobs import loop
   cfg_path = os.path.join(workdir, "config.json")
@@ -65,7 +82,9 @@ def _load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict]:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints yet.")
   state, _ = loop.restore_latest(mngr, set_aside=False)
   logging.info("Loaded EMA params of %s at step %d.", workdir, int(state["step"]))
-  return model_cfg, jax.device_get(state["ema"])
+  params = jax.device_get(state["ema"])
+  npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{workdir} (model {model_cfg})")
+  return model_cfg, params, int(state["step"])
 
 
 def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mesh, policies=()):
@@ -83,24 +102,27 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mes
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
 
 
-def check_settings(config, mesh) -> sampler.StepPlan:
-  """Validates every sampling (and scoring) setting before any work starts; returns the step plan."""
+def check_settings(config, mesh, prefix: str = "--config.") -> sampler.StepPlan:
+  """Validates every sampling (and scoring) setting before any work starts; returns the step plan. `prefix` is
+  where these settings live on the command line (the quantize job nests them under sample.)."""
   for key in ("num_samples", "batch_size", "diffusion_steps"):
     if not isinstance(config[key], int) or config[key] <= 0:
-      raise ValueError(f"{key} must be a positive integer; got {config[key]!r}. Set --config.{key}=N.")
+      raise ValueError(f"{key} must be a positive integer; got {config[key]!r}. Set {prefix}{key}=N.")
   if config.grid_per_class < 0:
-    raise ValueError(f"grid_per_class must be >= 0; got {config.grid_per_class}.")
+    raise ValueError(f"grid_per_class must be >= 0; got {config.grid_per_class}. Set {prefix}grid_per_class.")
   if config.method not in sampler.METHODS:
-    raise ValueError(f"Unknown sampling method {config.method!r}; set --config.method to one of {sampler.METHODS}.")
+    raise ValueError(f"Unknown sampling method {config.method!r}; set {prefix}method to one of {sampler.METHODS}.")
   if not config.eta >= 0.0 or (config.method == "ddpm" and config.eta):
-    raise ValueError(f"eta must be >= 0 (and is only used by ddim); got eta={config.eta} with {config.method}.")
-  if not config.cfg_scale >= 1.0:
-    raise ValueError(f"cfg_scale must be >= 1 (1 = no guidance); got {config.cfg_scale}.")
+    raise ValueError(f"eta must be >= 0 (and is only used by ddim); got eta={config.eta} with {config.method}. "
+                     f"Set {prefix}eta.")
+  if not config.cfg_scale >= 0.0:
+    raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
+                     f"Set {prefix}cfg_scale.")
   parallel.check_batch_divisible(config.batch_size, mesh)
   plan = sampler.make_plan(config.diffusion_steps, config.spacing)
   if config.evaluate:
     from diffq.jobs import evaluate
-    evaluate.check_settings(config.eval)
+    evaluate.check_settings(config.eval, f"{prefix}eval.data_dir")
   return plan
 
 
@@ -156,7 +178,7 @@ def sample_and_score(config, model_cfg, variables, workdir: str, mesh, policies=
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
                 gmacs_per_image=flops.macs_per_image(model_cfg, plan_steps, config.cfg_scale) / 1e9,
-                params=sum(int(np.size(x)) for x in jax.tree.leaves(variables["params"])))
+                params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
   if config.evaluate:
     from diffq.jobs import evaluate
     result.update(evaluate.score(config.eval, images, labels))
@@ -168,6 +190,8 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_settings(config, mesh)
   model_cfg, variables, table = load_model(config.params)
+  if table:
+    check_plan_matches_export(config, config.params)
   result = sample_and_score(config, model_cfg, variables, workdir, mesh, table)
   common.write_metrics(workdir, result)
   return result

@@ -66,13 +66,14 @@ def run(config, workdir: str) -> dict:
                      f"{model_cfg.num_classes}.")
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_divisible(config.batch_size, mesh)
+  loop.check_settings(config)
   images, labels = data.load("train", config.data.dir)
   writer = common.metric_writer(workdir)
 
-  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # lets sample.load_dit read a run
   state = jax.device_put(init_state(config, model_cfg), parallel.replicated(mesh))
   mngr = loop.checkpoint_manager(workdir, config)
   state, meta = loop.restore_latest(mngr, state)
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # read by sample.load_dit
   step_fn = compile_train_step(config, model_cfg, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("DiT %s: %.2fM params, %d devices, batch %d, steps %d..%d.", model_cfg, n_params / 1e6,

@@ -72,6 +72,7 @@ def compile_train_step(config, model, num_steps, mesh, state):
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_divisible(config.batch_size, mesh)
+  loop.check_settings(config)
   images, labels = data.load("train", config.data.dir)
   test_images, test_labels = data.load("test", config.data.dir)
   steps_per_epoch = len(images) // config.batch_size
@@ -83,10 +84,10 @@ def run(config, workdir: str) -> dict:
   model = make_model(config)
   writer = common.metric_writer(workdir)
 
-  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   state = jax.device_put(init_state(config, model, num_steps), parallel.replicated(mesh))
   mngr = loop.checkpoint_manager(workdir, config)
   state, meta = loop.restore_latest(mngr, state)
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   step_fn = compile_train_step(config, model, num_steps, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("Classifier %s: %d params, %d devices, batch %d, steps %d..%d (%.2f epochs).", model, n_params,

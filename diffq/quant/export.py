@@ -136,4 +136,6 @@ def import_quantized(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{path}: quantized layer {p} is malformed ({type(e).__name__}: {e}); re-export it with "
                        "diffq.quant.export.export_quantized.") from e
-  return model_cfg, {"params": params, "quant": quant}, table
+  variables = {"params": params, "quant": quant}
+  npz.check_shapes(variables, dit.variable_shapes(model_cfg, table), f"{path} (model {meta['model']})")
+  return model_cfg, variables, table
