@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -43,7 +44,7 @@ def compare_arrays(a: dict, b: dict) -> str:
 def report(runs: list[str], labels: list[str]) -> str:
   a, b = runs
   lines = [f"# Run vs run: {labels[0]} vs {labels[1]}", "",
-           f"`python experiments/repro.py --runs {a},{b} --labels {','.join(labels)}`", "", "| stage | comparison |",
+           f"`{shlex.join(['python', 'experiments/repro.py', '--runs', f'{a},{b}', '--labels', ','.join(labels)])}`", "", "| stage | comparison |",
            "|---|---|"]
   for name in STAGES:
     pa, pb = os.path.join(a, name), os.path.join(b, name)
