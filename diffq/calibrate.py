@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffq import sampler
+from diffq import plan as plan_lib, sampler
 from diffq.models import dit, layers
 from diffq.quant import omq, ops
 
@@ -27,17 +27,17 @@ NUM_CANDIDATES = 80
 NORM_P = 2.4
 
 
-def fp_trajectory(model_fn: Callable, params, key, labels, plan: sampler.StepPlan, shape, cfg_scale: float,
+def fp_trajectory(model_fn: Callable, variables, key, labels, plan: plan_lib.StepPlan, shape, cfg_scale: float,
                   null_class: int, eta: float = 0.0, clip_x0: bool = False):
   """Model inputs of every step of the FP sampler: xs (S, N, *shape); the labels and plan give y and t."""
   ids = jnp.arange(labels.shape[0])
-  _, xs = sampler.sample(model_fn, params, key, labels, ids, plan=plan, shape=shape, method="ddim", eta=eta,
+  _, xs = sampler.sample(model_fn, variables, key, labels, ids, plan=plan, shape=shape, method="ddim", eta=eta,
                          cfg_scale=cfg_scale, null_class=null_class, clip_x0=clip_x0, return_trajectory=True)
   return xs
 
 
-def capture_layer_inputs(model: nn.Module, variables: dict, x, t, y, step=0) -> tuple[jax.Array, dict]:
-  """(model output, {layer path: input of that seam Linear}) for one forward pass."""
+def capture_layer_inputs(model: nn.Module, variables: dict, x, t, y, ctx=None) -> tuple[jax.Array, dict]:
+  """(model output, {layer path: input of that seam Linear}) for one forward pass at step `ctx`."""
   captured = {}
 
   def grab(next_fun, args, kwargs, context):
@@ -46,7 +46,7 @@ def capture_layer_inputs(model: nn.Module, variables: dict, x, t, y, step=0) -> 
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(grab):
-    out = model.apply(variables, x, t, y, step=step)
+    out = model.apply(variables, x, t, y, ctx=ctx)
   return out, captured
 
 
@@ -103,7 +103,7 @@ class CalibrationSet:
   """FP-trajectory inputs: xs (S, N, H, W, C), labels (N,), the plan (timesteps of the S steps)."""
   xs: jax.Array
   labels: jax.Array
-  plan: sampler.StepPlan
+  plan: plan_lib.StepPlan
   cfg_scale: float
   null_class: int
 

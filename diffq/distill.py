@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from diffq import parallel, sampler
+from diffq import parallel, plan as plan_lib, sampler
 from diffq.models import dit, layers
 
 TRD_GRADS = ("current", "none")
@@ -105,7 +105,7 @@ def _unkeyed(flat: dict) -> dict:
 class Distiller:
   """Builds the state and the jitted step of the loop for one model / plan / policy table."""
 
-  def __init__(self, model_cfg: dit.DiTConfig, plan: sampler.StepPlan, table: layers.PolicyTable,
+  def __init__(self, model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, table: layers.PolicyTable,
                cfg: DistillConfig, *, cfg_scale: float, eta: float = 0.0, clip_x0: bool = False):
     self.model_cfg, self.plan, self.table, self.cfg = model_cfg, plan, tuple(table), cfg
     if eta != 0.0:
@@ -145,7 +145,7 @@ class Distiller:
     model = dit.DiT(config=self.model_cfg, policies=policies)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
-    out, inter = model.apply(variables, *batch, step=step, mutable=["intermediates"],
+    out, inter = model.apply(variables, *batch, ctx=plan_lib.StepContext(step), mutable=["intermediates"],
                              capture_intermediates=lambda m, name: m.name == last and name == "__call__")
     tokens = inter["intermediates"][last]["__call__"][0]
     if self.cfg_scale != 1.0:

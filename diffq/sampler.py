@@ -1,53 +1,24 @@
-"""The step-planned sampler: one jitted `lax.scan` over a static plan of denoising steps.
+"""The step-planned sampler: one jitted `lax.scan` over a static plan of denoising steps (`diffq.plan`).
 
-A `StepPlan` lists, per step, the index into the (respaced) schedule and a step kind. Kinds are static:
-each kind is a branch of a `lax.switch` inside the scan body, and per-kind state (caches, reconstructions)
-rides in the scan carry. This module defines the 'full' kind; later methods add theirs.
+The model contract is `model_fn(variables, state, x, t, y, ctx) -> (out, state)`: `ctx` is the step's
+`plan.StepContext` (index and static kind) and `state` the model's state collections (caches, reconstructions),
+which ride in the scan carry with x. Each step kind of the plan is a branch of a `lax.switch` inside the scan
+body; a plan of one kind has no switch.
 
 Randomness is keyed by sample index (x_T and every step's noise come from fold_in(key, sample_id)), so a
 sample does not depend on the batch it is drawn in or on the number of devices.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from diffq.diffusion import gaussian, respace
+from diffq import plan as plan_lib
+from diffq.diffusion import gaussian
 
-STEP_KINDS = ("full",)
 METHODS = ("ddim", "ddpm")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-  """Static plan: `steps[i]` indexes `schedule` (a respaced schedule), run from noisy to clean."""
-  schedule: gaussian.Schedule
-  steps: tuple[int, ...]
-  kinds: tuple[str, ...]
-
-  def __post_init__(self):
-    if len(self.steps) != len(self.kinds) or not self.steps:
-      raise ValueError("A step plan needs one kind per step and at least one step.")
-    unknown = set(self.kinds) - set(STEP_KINDS)
-    if unknown:
-      raise ValueError(f"Unknown step kinds {sorted(unknown)}; known: {STEP_KINDS}.")
-
-  @property
-  def model_timesteps(self) -> np.ndarray:
-    """Original (model-facing) timestep index of each step."""
-    return self.schedule.timestep_map[np.array(self.steps)]
-
-
-def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20") -> StepPlan:
-  """Plan of all-'full' steps over `space_timesteps(num_train_steps, spacing)`, last (noisiest) first."""
-  base = gaussian.Schedule.from_betas(gaussian.linear_betas(num_train_steps))
-  sched = respace.respace(base, respace.space_timesteps(num_train_steps, spacing))
-  steps = tuple(range(sched.num_steps - 1, -1, -1))
-  return StepPlan(schedule=sched, steps=steps, kinds=("full",) * len(steps))
 
 
 def cfg_batch(x, t, y, null_class: int):
@@ -63,12 +34,15 @@ def cfg_combine(out, channels: int, cfg_scale: float):
   return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
 
 
-def guided(model_fn: Callable, params, x, t, y, step, cfg_scale: float, null_class: int):
-  """Classifier-free guidance on eps channels (see `cfg_combine`). (DiT's forward_with_cfg guides only the
+def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepContext, cfg_scale: float,
+           null_class: int):
+  """(output, state) of one network call with classifier-free guidance on the eps channels (see `cfg_combine`;
+  the state holds one row per network row, i.e. 2N under guidance). (DiT's forward_with_cfg guides only the
   first 3 of 4 latent channels; diffq guides all C.)"""
   if cfg_scale == 1.0:
-    return model_fn(params, x, t, y, step)
-  return cfg_combine(model_fn(params, *cfg_batch(x, t, y, null_class), step), x.shape[-1], cfg_scale)
+    return model_fn(variables, state, x, t, y, ctx)
+  out, state = model_fn(variables, state, *cfg_batch(x, t, y, null_class), ctx)
+  return cfg_combine(out, x.shape[-1], cfg_scale), state
 
 
 def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
@@ -89,37 +63,55 @@ def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise
   return mean + nonzero * sigma * noise
 
 
-def sample(model_fn: Callable, params, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
-           plan: StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
-           cfg_scale: float = 1.0, null_class: int = 0, clip_x0: bool = False, return_trajectory: bool = False):
-  """Draws x_0 for `labels` (N,). model_fn(params, x, t_model, y, step) -> (N, *shape[:-1], 2C), where `step` is
-  the position in the plan (0 = first, noisiest). Returns x_0 (N, *shape), and with `return_trajectory` also
-  the model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
+def sample(model_fn: Callable, variables, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
+           plan: plan_lib.StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
+           cfg_scale: float = 1.0, null_class: int = 0, clip_x0: bool = False, state=None,
+           return_trajectory: bool = False):
+  """Draws x_0 for `labels` (N,). model_fn(variables, state, x, t_model, y, ctx) -> ((N, *shape[:-1], 2C),
+  state) (the module docstring's contract); `state` is its initial state (None: the model keeps none), reset
+  at the start of every segment of the plan. Returns x_0 (N, *shape), and with `return_trajectory` also the
+  model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
 
-  Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static (see `make_sampler`).
+  Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
+  state0 = {} if state is None else state
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
   x = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
-  kinds = sorted(set(plan.kinds))
-  kind_ids = jnp.array([kinds.index(k) for k in plan.kinds], jnp.int32)
   steps = jnp.array(plan.steps, jnp.int32)
   model_ts = jnp.asarray(plan.model_timesteps, jnp.int32)
 
-  def full_step(x, t_model, i):
-    return guided(model_fn, params, x, jnp.full((x.shape[0],), t_model), labels, i, cfg_scale, null_class)
+  def network(kind):
+    def call(x, state, i, t_model):
+      t = jnp.full((x.shape[0],), t_model)
+      return guided(model_fn, variables, state, x, t, labels, plan_lib.StepContext(i, kind), cfg_scale,
+                    null_class)
+    return call
 
-  branches = {"full": full_step}
+  def run_segment(x, start, stop):
+    kinds = sorted(set(plan.step_kinds[start:stop]), key=lambda k: k.name)
+    kind_ids = jnp.array([kinds.index(k) for k in plan.step_kinds[start:stop]], jnp.int32)
 
-  def body(x, inp):
-    i, t, t_model, kind_id = inp
-    if len(kinds) == 1:
-      out = branches[kinds[0]](x, t_model, i)
-    else:
-      out = jax.lax.switch(kind_id, [branches[k] for k in kinds], x, t_model, i)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
-    return denoise_step(plan.schedule, method, eta, out, x, t, noise, clip_x0), (x if return_trajectory else None)
+    def body(carry, inp):
+      x, state = carry
+      i, t, t_model, kind_id = inp
+      if len(kinds) == 1:
+        out, state = network(kinds[0])(x, state, i, t_model)
+      else:
+        out, state = jax.lax.switch(kind_id, [network(k) for k in kinds], x, state, i, t_model)
+      noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)
+      x_next = denoise_step(plan.schedule, method, eta, out, x, t, noise, clip_x0)
+      return (x_next, state), (x if return_trajectory else None)
 
-  x, xs = jax.lax.scan(body, x, (jnp.arange(len(plan.steps)), steps, model_ts, kind_ids))
-  return (x, xs) if return_trajectory else x
+    idx = slice(start, stop)
+    (x, _), xs = jax.lax.scan(body, (x, state0), (jnp.arange(start, stop), steps[idx], model_ts[idx], kind_ids))
+    return x, xs
+
+  trajectory = []
+  for start, stop in plan.segments:
+    x, xs = run_segment(x, start, stop)
+    trajectory.append(xs)
+  if not return_trajectory:
+    return x
+  return x, trajectory[0] if len(trajectory) == 1 else jnp.concatenate(trajectory)

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from diffq import sampler  # noqa: E402
+from diffq import plan as plan_lib, sampler  # noqa: E402
 from diffq.jobs import sample  # noqa: E402
 from diffq.io import npz  # noqa: E402
 from diffq.models import dit, layers  # noqa: E402
@@ -52,10 +52,10 @@ def float_acts_in(table, pattern: str, layer_paths):
 
 
 def guided_eps_fn(model_cfg, table):
-  model = dit.DiT(config=model_cfg, policies=tuple(table))
-  model_fn = lambda v, x, t, y, step: model.apply(v, x, t, y, step=step)
+  model_fn = dit.model_fn(dit.DiT(config=model_cfg, policies=tuple(table)))
   return model_fn, jax.jit(lambda v, x, t, y, step, cfg: sampler.guided(
-      model_fn, v, x, t, y, step, cfg, model_cfg.num_classes)[..., :model_cfg.in_channels], static_argnums=5)
+      model_fn, v, {}, x, t, y, plan_lib.StepContext(step), cfg, model_cfg.num_classes)[0][
+          ..., :model_cfg.in_channels], static_argnums=5)
 
 
 def per_step_eps(eps_fn, variables, xs, labels, plan, cfg_scale) -> list[jax.Array]:
@@ -85,7 +85,7 @@ def main() -> None:
       raise SystemExit(f"{r}/quantized.npz not found: pass workdirs of finished quantize jobs "
                        "(python main.py --config=configs/dit_w2a4.py --workdir=...).")
   model_cfg, params = sample.load_dit(os.path.join(ROOT, FP_PARAMS))
-  plan = sampler.make_plan(1000, "ddim20")
+  plan = plan_lib.make_plan(1000, "ddim20")
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   labels = jnp.arange(args.images, dtype=jnp.int32) % model_cfg.num_classes
   ids = jnp.arange(args.images)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffq import calibrate, parallel, sampler
+from diffq import calibrate, parallel, plan as plan_lib
 from diffq.models import dit, layers
 
 
@@ -44,11 +44,10 @@ def tiny_setup(num_images=8):
   cfg = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
   params = dit.init_params(cfg, jax.random.key(0))
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
-  plan = sampler.make_plan(1000, "ddim4")
-  model = dit.DiT(config=cfg)
-  fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
+  plan = plan_lib.make_plan(1000, "ddim4")
   labels = jnp.arange(num_images) % 10
-  xs = calibrate.fp_trajectory(fn, params, jax.random.key(1), labels, plan, (32, 32, 1), 1.5, 10)
+  xs = calibrate.fp_trajectory(dit.model_fn(dit.DiT(config=cfg)), {"params": params}, jax.random.key(1), labels,
+                               plan, (32, 32, 1), 1.5, 10)
   return cfg, params, calibrate.CalibrationSet(xs, labels, plan, 1.5, 10)
 
 
@@ -60,12 +59,12 @@ def test_calibrated_w8a8_model_tracks_fp():
   quant, _ = calibrate.calibrate(cfg, params, cal, table)
   x, t, y = calibrate._model_batch(cal, 2)
   fp = dit.DiT(config=cfg).apply({"params": params}, x, t, y)
-  q8 = dit.DiT(config=cfg, policies=table).apply({"params": params, "quant": quant}, x, t, y, step=2)
+  q8 = dit.DiT(config=cfg, policies=table).apply({"params": params, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(2))
   rel = float(jnp.linalg.norm(q8 - fp) / jnp.linalg.norm(fp))
   assert rel < 0.02, rel
   pol4 = layers.LayerPolicy(kind="fakequant", w_bits=4, a_bits=4, a_steps=4)
   q4 = dit.DiT(config=cfg, policies=(("*", pol4),)).apply(
-      {"params": params, "quant": calibrate.calibrate(cfg, params, cal, (("*", pol4),))[0]}, x, t, y, step=2)
+      {"params": params, "quant": calibrate.calibrate(cfg, params, cal, (("*", pol4),))[0]}, x, t, y, ctx=plan_lib.StepContext(2))
   assert float(jnp.linalg.norm(q4 - fp) / jnp.linalg.norm(fp)) > rel  # fewer bits, more error
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffq import sampler
+from diffq import plan as plan_lib, sampler
 from diffq.diffusion import gaussian, respace
 
 
@@ -26,7 +26,7 @@ def test_respacing_maps_original_indices():
   np.testing.assert_allclose(s.alphas_cumprod, base().alphas_cumprod[kept], rtol=1e-12)
   assert respace.space_timesteps(1000, "250")[:3] == [0, 4, 8]
   assert len(respace.space_timesteps(1000, "10,15,20")) == 45
-  plan = sampler.make_plan(1000, "ddim20")
+  plan = plan_lib.make_plan(1000, "ddim20")
   np.testing.assert_array_equal(plan.model_timesteps, kept[::-1])
 
 
@@ -76,14 +76,19 @@ def test_vb_does_not_train_the_mean():
   assert np.all(np.asarray(g[..., 0]) == 0) and np.any(np.asarray(g[..., 1]) != 0)
 
 
-def _toy_model(params, x, t, y, step=0):
+def _toy_eps(params, x, t, y, step=0):
   """A deterministic stand-in eps-model: depends on x, t, y and the plan position `step`, outputs 2C channels."""
   h = jnp.tanh(x * params["w"] + t[:, None, None, None] / 1000.0 + y[:, None, None, None] / 10.0 + 0.05 * step)
   return jnp.concatenate([h, 0.5 * h], axis=-1)
 
 
+def _toy_model(variables, state, x, t, y, ctx):
+  """`_toy_eps` under the sampler's contract (stateless)."""
+  return _toy_eps(variables, x, t, y, ctx.index), state
+
+
 def _run(ids, labels, key=0, eta=0.0, method="ddim", cfg=1.0, clip=False):
-  plan = sampler.make_plan(1000, "ddim10")
+  plan = plan_lib.make_plan(1000, "ddim10")
   return np.asarray(sampler.sample(_toy_model, {"w": 0.7}, jax.random.key(key), jnp.asarray(labels),
                                    jnp.asarray(ids), plan=plan, shape=(4, 4, 1), method=method, eta=eta,
                                    cfg_scale=cfg, null_class=10, clip_x0=clip))
@@ -91,9 +96,9 @@ def _run(ids, labels, key=0, eta=0.0, method="ddim", cfg=1.0, clip=False):
 
 def test_ddim_eta0_is_deterministic_given_x_T():
   """eta=0: the trajectory is a function of x_T only; step noise (keyed by sample id) plays no role."""
-  s = sampler.make_plan(1000, "ddim10").schedule
+  s = plan_lib.make_plan(1000, "ddim10").schedule
   x = jax.random.normal(jax.random.key(0), (3, 4, 4, 1))
-  out = _toy_model({"w": 0.7}, x, jnp.full((3,), 500), jnp.zeros(3, jnp.int32))
+  out = _toy_eps({"w": 0.7}, x, jnp.full((3,), 500), jnp.zeros(3, jnp.int32))
   a = sampler.denoise_step(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(1), x.shape))
   b = sampler.denoise_step(s, "ddim", 0.0, out, x, 5, jax.random.normal(jax.random.key(2), x.shape))
   np.testing.assert_array_equal(a, b)
@@ -105,12 +110,12 @@ def test_ddim_eta0_is_deterministic_given_x_T():
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_eta0_matches_numpy_reference(clip):
   """A slow numpy DDIM (DDIM paper eq. 12, eta=0; ADM clip_denoised optional) over the same respaced schedule."""
-  plan = sampler.make_plan(1000, "ddim10")
+  plan = plan_lib.make_plan(1000, "ddim10")
   acp = plan.schedule.alphas_cumprod
   x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 5), (4, 4, 1)))[None]
   for position, i in enumerate(plan.steps):
     t_model = plan.schedule.timestep_map[i]
-    eps = np.asarray(_toy_model({"w": 0.7}, jnp.asarray(x), jnp.array([t_model]), jnp.array([2]), position))[..., :1]
+    eps = np.asarray(_toy_eps({"w": 0.7}, jnp.asarray(x), jnp.array([t_model]), jnp.array([2]), position))[..., :1]
     x0 = (x - np.sqrt(1 - acp[i]) * eps) / np.sqrt(acp[i])
     if clip:
       x0 = np.clip(x0, -1, 1)
@@ -130,4 +135,4 @@ def test_unknown_method_and_kind():
   with pytest.raises(ValueError, match="Unknown sampling method"):
     _run([0], [0], method="euler")
   with pytest.raises(ValueError, match="Unknown step kinds"):
-    sampler.StepPlan(schedule=base(), steps=(1, 0), kinds=("full", "warp"))
+    plan_lib.StepPlan(schedule=base(), steps=(1, 0), kinds=("full", "warp"))

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffq import calibrate, distill, parallel, sampler
+from diffq import calibrate, distill, parallel, plan as plan_lib, sampler
 from diffq.models import dit, layers
 
 from tests.test_calibrate import tiny_setup
@@ -61,10 +61,10 @@ def test_first_step_loss_is_the_eps_error_of_the_guided_models(setup):
   x_T, y = d.trajectory_inputs(0)
   _, (m,) = run_steps(d, state, frozen, params, 1, parallel.make_mesh(1))
   t = jnp.full((8,), int(plan.model_timesteps[0]))
-  fp = sampler.guided(lambda p, *a: dit.DiT(config=cfg).apply({"params": p}, *a[:3], step=a[3]), params,
-                      x_T, t, y, 0, 1.5, 10)
-  q = sampler.guided(lambda v, *a: dit.DiT(config=cfg, policies=table).apply(v, *a[:3], step=a[3]),
-                     {"params": params, "quant": quant}, x_T, t, y, 0, 1.5, 10)
+  ctx = plan_lib.StepContext(0)
+  fp, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg)), {"params": params}, {}, x_T, t, y, ctx, 1.5, 10)
+  q, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg, policies=table)), {"params": params, "quant": quant}, {},
+                        x_T, t, y, ctx, 1.5, 10)
   np.testing.assert_allclose(m["mse"], np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2), rtol=1e-4)
   assert m["loss"] == m["mse"]
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffq import plan as plan_lib
 from diffq.eval import flops
 from diffq.models import dit
 
@@ -59,4 +60,4 @@ def test_bitops_and_per_image():
   a = {k: 8 for k in layers}
   attn = sum(v for k, v in layers.items() if k.endswith(flops.ATTENTION_PRODUCTS))
   assert flops.bitops_per_call(cfg, w, a) == (m - attn) * 32 + attn * 64
-  assert flops.macs_per_image(cfg, 20, cfg_scale=1.5) == 40 * m
+  assert flops.macs_per_image(cfg, plan_lib.make_plan(1000, "ddim20"), cfg_scale=1.5) == 40 * m

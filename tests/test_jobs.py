@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from configs import sample as sample_config
+from diffq import plan as plan_lib
 from diffq.io import npz
 from diffq.jobs import sample
 
@@ -17,6 +18,10 @@ def sample_cfg(params, **kw):
   c = sample_config.get_config("quick")
   c.update({**dict(params=params, num_samples=24, batch_size=8, spacing="ddim4", evaluate=False), **kw})
   return c
+
+
+def plan_of(c):
+  return plan_lib.make_plan(c.diffusion_steps, c.spacing)
 
 
 def test_sample_job_writes_adm_npz_grid_and_metrics(tiny_export, tmp_path):
@@ -32,8 +37,9 @@ def test_sampling_on_8_devices_equals_1_device(tiny_export):
   model_cfg, params = sample.load_dit(tiny_export)
   from diffq import parallel
   v = {"params": params}
-  one, labels = sample.generate(sample_cfg(tiny_export, num_devices=1), model_cfg, v, parallel.make_mesh(1))
-  eight, _ = sample.generate(sample_cfg(tiny_export, num_devices=8), model_cfg, v, parallel.make_mesh(8))
+  c1, c8 = sample_cfg(tiny_export, num_devices=1), sample_cfg(tiny_export, num_devices=8)
+  one, labels = sample.generate(c1, plan_of(c1), model_cfg, v, parallel.make_mesh(1))
+  eight, _ = sample.generate(c8, plan_of(c8), model_cfg, v, parallel.make_mesh(8))
   assert one.std() > 0
   # uint8 after the same float computation; allow a one-level rounding flip from reduction order
   assert np.abs(one.astype(int) - eight.astype(int)).max() <= 1
@@ -71,8 +77,9 @@ def test_export_dit_round_trip_gives_identical_samples(tiny_export, tmp_path):
   export_job.run(c, str(tmp_path / "w"))
   from diffq import parallel
   mesh = parallel.make_mesh(1)
-  a = sample.generate(sample_cfg(tiny_export, num_samples=8), *_cfg_vars(tiny_export), mesh)[0]
-  b = sample.generate(sample_cfg(c.dest, num_samples=8), *_cfg_vars(c.dest), mesh)[0]
+  ca, cb = sample_cfg(tiny_export, num_samples=8), sample_cfg(c.dest, num_samples=8)
+  a = sample.generate(ca, plan_of(ca), *_cfg_vars(tiny_export), mesh)[0]
+  b = sample.generate(cb, plan_of(cb), *_cfg_vars(c.dest), mesh)[0]
   np.testing.assert_array_equal(a, b)
 
 
@@ -90,7 +97,8 @@ def test_non_finite_samples_and_metrics_are_never_written(tiny_export, tmp_path)
                                                 "bias": np.full_like(params["final_layer"]["linear"]["bias"],
                                                                      np.nan)}})
   with pytest.raises(FloatingPointError, match=r"NaN/inf for 8 of samples 0..7"):
-    sample.sample_and_score(sample_cfg(tiny_export, num_samples=8), model_cfg, {"params": params},
+    c = sample_cfg(tiny_export, num_samples=8)
+    sample.sample_and_score(c, plan_of(c), model_cfg, {"params": params},
                             str(tmp_path), parallel.make_mesh(1))
   with pytest.raises(FloatingPointError, match=r"\['fid'\] are NaN/inf"):
     common.write_metrics(str(tmp_path), dict(fid=float("nan"), seconds=1.0))

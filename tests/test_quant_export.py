@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffq import calibrate, parallel, sampler
+from diffq import calibrate, parallel, plan as plan_lib
 from diffq.io import npz
 from diffq.jobs import sample
 from diffq.models import dit, layers
@@ -59,12 +59,12 @@ def shapes(tree):
 def test_integer_model_and_its_export_reproduce_the_fakequant_model_bit_for_bit(case, tmp_path):
   table, quant = quantized_model(case)
   x, t, y = batch()
-  fake = dit.DiT(config=CFG, policies=table).apply({"params": PARAMS, "quant": quant}, x, t, y, step=1)
+  fake = dit.DiT(config=CFG, policies=table).apply({"params": PARAMS, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(1))
   int_model = dit.DiT(config=CFG, policies=export.intweight_table(table))
   quant_int = export.integer_codes(PARAMS, quant, table)
   template = int_model.init(jax.random.key(0), x[:1], t[:1], y[:1])
   assert shapes(quant_int) == shapes(template["quant"])  # exactly the variables the intweight Linear creates
-  direct = int_model.apply({"params": PARAMS, "quant": quant_int}, x, t, y, step=1)
+  direct = int_model.apply({"params": PARAMS, "quant": quant_int}, x, t, y, ctx=plan_lib.StepContext(1))
   np.testing.assert_array_equal(np.asarray(direct), np.asarray(fake))
 
   path = str(tmp_path / "q.npz")
@@ -73,7 +73,7 @@ def test_integer_model_and_its_export_reproduce_the_fakequant_model_bit_for_bit(
   assert cfg == CFG and int_table == export.intweight_table(table)
   assert shapes(variables) == shapes(template)  # no float kernel of a quantized layer is stored
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["quant"]), jax.tree.leaves(quant_int)))
-  real = dit.DiT(config=cfg, policies=int_table).apply(variables, x, t, y, step=1)
+  real = dit.DiT(config=cfg, policies=int_table).apply(variables, x, t, y, ctx=plan_lib.StepContext(1))
   np.testing.assert_array_equal(np.asarray(real), np.asarray(fake))
   flat = npz.flatten(npz.import_npz(path)[0])
   assert "params/blocks_0/mlp/fc1/kernel" not in flat and "params/x_embedder/kernel" not in flat
@@ -108,7 +108,7 @@ def test_reimported_model_draws_identical_samples(tmp_path):
   table, quant = quantized_model("lora_smooth_w2")
   export.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
   cfg, variables, int_table = export.import_quantized(str(tmp_path / "q.npz"))
-  plan = sampler.make_plan(1000, "ddim2")
+  plan = plan_lib.make_plan(1000, "ddim2")
   sample_cfg = types.SimpleNamespace(method="ddim", eta=0.0, cfg_scale=2.0, clip_x0=True)
   draw = lambda policies, v: sample.make_sample_fn(cfg, plan, sample_cfg, parallel.make_mesh(1), policies)(
       v, jax.random.key(0), jnp.arange(6) % 10, jnp.arange(6))

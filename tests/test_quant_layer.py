@@ -3,6 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffq import plan as plan_lib
 from diffq.models import dit, layers
 from tests.test_quant_ops import np_fake_quant
 
@@ -20,12 +21,12 @@ def test_fakequant_linear_matches_numpy():
            lora_a=rng.normal(size=(8, 2)) * 0.1, lora_b=rng.normal(size=(2, 6)) * 0.1)
   q = {k: np.asarray(a, np.int32 if k == "w_bits" else np.float32) for k, a in q.items()}
   v = {"params": v["params"], "quant": q}
-  y = lin.apply(v, x, 3)
+  y = lin.apply(v, x, plan_lib.StepContext(3))
   w = (np.asarray(v["params"]["kernel"]) + q["lora_a"] @ q["lora_b"]) * q["smooth"][:, None]
   wq = np_fake_quant(w, q["w_scale"], q["w_zero"], q["w_bits"])
   xq = np_fake_quant(x / q["smooth"], q["a_scale"][3], q["a_zero"][3], 4)
   np.testing.assert_allclose(y, xq @ wq + np.asarray(v["params"]["bias"]), rtol=1e-4, atol=1e-5)
-  assert np.abs(np.asarray(lin.apply(v, x, 0)) - np.asarray(y)).max() > 0  # another step, other quantizer
+  assert np.abs(np.asarray(lin.apply(v, x, plan_lib.StepContext(0))) - np.asarray(y)).max() > 0  # another step, other quantizer
 
 
 def test_policy_validation():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import dit_w2a4
-from diffq import parallel
+from diffq import parallel, plan as plan_lib
 from diffq.io import npz
 from diffq.jobs import quantize, sample
 
@@ -54,7 +54,9 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
     shipped = f["arr_0"]
   from diffq.quant import export
   model_cfg, variables, table = export.import_quantized(str(tmp_path / "quantized.npz"))
-  again, _ = sample.generate(job_cfg(tiny_export).sample, model_cfg, variables, parallel.make_mesh(1), table)
+  s = job_cfg(tiny_export).sample
+  again, _ = sample.generate(s, plan_lib.make_plan(s.diffusion_steps, s.spacing), model_cfg, variables,
+                             parallel.make_mesh(1), table)
   np.testing.assert_array_equal(again, shipped)
   from configs import sample as sample_config  # the sample job takes the quantized export as its params
   c = sample_config.get_config("quick")

@@ -6,6 +6,7 @@ norms, activations and softmax are ignored, as in the DiT paper's Gflops. BitOPs
 from __future__ import annotations
 
 from diffq.models.dit import DiTConfig
+from diffq.plan import StepPlan
 
 ATTENTION_PRODUCTS = ("attn/qk", "attn/av")
 
@@ -28,9 +29,14 @@ def macs_per_call(cfg: DiTConfig) -> int:
   return sum(dit_layer_macs(cfg).values())
 
 
-def macs_per_image(cfg: DiTConfig, num_steps: int, cfg_scale: float = 1.0) -> int:
-  """Network MACs to draw one image: every step is a full call; guidance (scale != 1) doubles the batch."""
-  return macs_per_call(cfg) * num_steps * (2 if cfg_scale != 1.0 else 1)
+def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0) -> int:
+  """Network MACs to draw one image under `plan`, each step counted by its kind; guidance (scale != 1) doubles
+  the batch. Only 'refresh' kinds (full network calls) have a cost model yet: a cached kind's cost depends on
+  the layer parts it runs, which the caching methods define."""
+  cached = sorted({k.name for k in plan.step_kinds if k.cache != "refresh"})
+  if cached:
+    raise ValueError(f"No MACs model for the cached step kinds {cached} yet.")
+  return macs_per_call(cfg) * len(plan.steps) * (2 if cfg_scale != 1.0 else 1)
 
 
 def bitops_per_call(cfg: DiTConfig, w_bits: dict[str, float] | None = None, a_bits: dict[str, float] | None = None,

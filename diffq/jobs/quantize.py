@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffq import calibrate, distill, parallel, sampler
+from diffq import calibrate, distill, parallel, plan as plan_lib
 from diffq.io import npz
 from diffq.jobs import common, loop, sample, stages
 from diffq.models import dit, layers
@@ -72,13 +72,12 @@ def calibration_set(config, model_cfg, params, plan, mesh) -> calibrate.Calibrat
   s = config.sample
   n = config.calib.num_images
   labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_cfg.num_classes, parallel.batch_sharded(mesh))
-  model = dit.DiT(config=model_cfg)
-  fn = lambda p, x, t, y, step: model.apply({"params": p}, x, t, y, step=step)
+  fn = dit.model_fn(dit.DiT(config=model_cfg))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   traj = jax.jit(lambda p, lab: calibrate.fp_trajectory(fn, p, jax.random.key(config.calib.seed), lab, plan, shape,
                                                          s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0))
-  return calibrate.CalibrationSet(traj(jax.device_put(params, parallel.replicated(mesh)), labels), labels, plan,
-                                  s.cfg_scale, model_cfg.num_classes)
+  return calibrate.CalibrationSet(traj(jax.device_put({"params": params}, parallel.replicated(mesh)), labels),
+                                  labels, plan, s.cfg_scale, model_cfg.num_classes)
 
 
 def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, settings) -> tuple[dict, dict]:
@@ -154,7 +153,7 @@ def exported(config, model_cfg, params, quantize_fn, table, workdir, settings) -
   return path, stats
 
 
-def check_settings(config, mesh) -> sampler.StepPlan:
+def check_settings(config, mesh) -> plan_lib.StepPlan:
   """Every setting of the job, validated before any work starts; returns the step plan."""
   plan = sample.check_settings(config.sample, mesh, "--config.sample.")
   c = config.calib
@@ -213,7 +212,7 @@ def run(config, workdir: str) -> dict:
   path, job_metrics = exported(config, model_cfg, params, quantize, table, workdir, export_settings)
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = export.import_quantized(path)
-  result.update(sample.sample_and_score(config.sample, model_cfg, variables, workdir, mesh, int_table),
+  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table),
                 params=sum(int(np.size(x)) for x in jax.tree.leaves(params)))  # weights of the model, not the file
   common.write_metrics(workdir, result)
   return result

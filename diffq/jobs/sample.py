@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffq import data, parallel, sampler, viz
+from diffq import data, parallel, plan as plan_lib, sampler, viz
 from diffq.eval import flops
 from diffq.io import npz
 from diffq.jobs import common
@@ -87,22 +87,24 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
   return model_cfg, params, int(state["step"])
 
 
-def make_sample_fn(model_cfg: dit.DiTConfig, plan: sampler.StepPlan, config, mesh, policies=()):
-  """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for policies)."""
+def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, mesh, policies=()):
+  """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for policies). The model's
+  state (if its parts keep any) is allocated per batch and rides in the sampler's carry."""
   model = dit.DiT(config=model_cfg, policies=tuple(policies))
-  model_fn = lambda v, x, t, y, step: model.apply(v, x, t, y, step=step)
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
   def fn(variables, key, labels, ids):
-    return sampler.sample(model_fn, variables, key, labels, ids, plan=plan, shape=shape, method=config.method,
-                          eta=config.eta, cfg_scale=config.cfg_scale, null_class=model_cfg.num_classes,
-                          clip_x0=config.clip_x0)
+    rows = labels.shape[0] * (2 if config.cfg_scale != 1.0 else 1)
+    return sampler.sample(dit.model_fn(model), variables, key, labels, ids, plan=plan, shape=shape,
+                          method=config.method, eta=config.eta, cfg_scale=config.cfg_scale,
+                          null_class=model_cfg.num_classes, clip_x0=config.clip_x0,
+                          state=dit.init_state(model, variables, rows))
 
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
 
 
-def check_settings(config, mesh, prefix: str = "--config.") -> sampler.StepPlan:
+def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan:
   """Validates every sampling (and scoring) setting before any work starts; returns the step plan. `prefix` is
   where these settings live on the command line (the quantize job nests them under sample.)."""
   for key in ("num_samples", "batch_size", "diffusion_steps"):
@@ -119,21 +121,20 @@ def check_settings(config, mesh, prefix: str = "--config.") -> sampler.StepPlan:
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
   parallel.check_batch_divisible(config.batch_size, mesh)
-  plan = sampler.make_plan(config.diffusion_steps, config.spacing)
+  plan = plan_lib.make_plan(config.diffusion_steps, config.spacing)
   if config.evaluate:
     from diffq.jobs import evaluate
     evaluate.check_settings(config.eval, f"{prefix}eval.data_dir")
   return plan
 
 
-def generate(config, model_cfg, variables, mesh, policies=()) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 samples (N, H, W, C), labels (N,)); sample i has label i % num_classes and its own noise key.
-
-  `variables` is {"params": ...} for the FP model, plus "quant" for a model under `policies`."""
+def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, policies=()) -> tuple[np.ndarray,
+                                                                                              np.ndarray]:
+  """(uint8 samples (N, H, W, C), labels (N,)) drawn under `plan`; sample i has label i % num_classes and its
+  own noise key. `variables` is {"params": ...} for the FP model, plus "quant" for a model under `policies`."""
   if config.num_samples <= 0:
     raise ValueError(f"num_samples must be positive; got {config.num_samples}.")
   parallel.check_batch_divisible(config.batch_size, mesh)
-  plan = sampler.make_plan(config.diffusion_steps, config.spacing)
   fn = make_sample_fn(model_cfg, plan, config, mesh, policies)
   variables = jax.device_put(variables, parallel.replicated(mesh))
   key = jax.random.key(config.seed)
@@ -165,19 +166,20 @@ def save_samples(path: str, images_u8: np.ndarray, labels: np.ndarray) -> None:
   npz.atomic_write(path, write)
 
 
-def sample_and_score(config, model_cfg, variables, workdir: str, mesh, policies=()) -> dict:
-  """Draws config.num_samples, writes samples.npz + grid.png, and returns sampling (+ evaluation) metrics."""
+def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, workdir: str, mesh,
+                     policies=()) -> dict:
+  """Draws config.num_samples under `plan`, writes samples.npz + grid.png, and returns sampling (+ evaluation)
+  metrics."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  images, labels = generate(config, model_cfg, variables, mesh, policies)
+  images, labels = generate(config, plan, model_cfg, variables, mesh, policies)
   seconds = time.time() - t0
   save_samples(os.path.join(workdir, "samples.npz"), images, labels)
   viz.save_png(os.path.join(workdir, "grid.png"),
                viz.class_grid(images, labels, model_cfg.num_classes, config.grid_per_class))
-  plan_steps = len(sampler.make_plan(config.diffusion_steps, config.spacing).steps)
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
-                gmacs_per_image=flops.macs_per_image(model_cfg, plan_steps, config.cfg_scale) / 1e9,
+                gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale) / 1e9,
                 params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
   if config.evaluate:
     from diffq.jobs import evaluate
@@ -188,10 +190,10 @@ def sample_and_score(config, model_cfg, variables, workdir: str, mesh, policies=
 
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
-  check_settings(config, mesh)
+  plan = check_settings(config, mesh)
   model_cfg, variables, table = load_model(config.params)
   if table:
     check_plan_matches_export(config, config.params)
-  result = sample_and_score(config, model_cfg, variables, workdir, mesh, table)
+  result = sample_and_score(config, plan, model_cfg, variables, workdir, mesh, table)
   common.write_metrics(workdir, result)
   return result

@@ -13,6 +13,7 @@ from the static policy table resolved against the layer path.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 import math
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffq import plan
 from diffq.models import layers
 
 
@@ -113,15 +115,15 @@ class Attention(_PolicyScope):
   num_heads: int = 1
 
   @nn.compact
-  def __call__(self, x, step):
+  def __call__(self, x, ctx):
     n, t, d = x.shape
     h = self.num_heads
-    qkv = self.linear("qkv", 3 * d)(x, step).reshape(n, t, 3, h, d // h)
+    qkv = self.linear("qkv", 3 * d)(x, ctx).reshape(n, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d // h)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
     out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, t, d)
-    return self.linear("proj", d)(out, step)
+    return self.linear("proj", d)(out, ctx)
 
 
 class DiTBlock(_PolicyScope):
@@ -130,16 +132,16 @@ class DiTBlock(_PolicyScope):
   mlp_norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, c, step):
+  def __call__(self, x, c, ctx):
     d = x.shape[-1]
-    mod = self.linear("adaLN_modulation", 6 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), step)
+    mod = self.linear("adaLN_modulation", 6 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), ctx)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     norm1 = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")
     norm2 = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")
     x = x + gate_msa[:, None] * Attention(num_heads=self.num_heads, policies=self.policies, name="attn")(
-        _modulate(norm1(x), shift_msa, scale_msa), step)
+        _modulate(norm1(x), shift_msa, scale_msa), ctx)
     h = _modulate(norm2(x), shift_mlp, scale_mlp)
-    h = MLP(hidden=int(d * self.mlp_ratio), policies=self.policies, name="mlp")(h, step)
+    h = MLP(hidden=int(d * self.mlp_ratio), policies=self.policies, name="mlp")(h, ctx)
     return x + gate_mlp[:, None] * h
 
 
@@ -147,10 +149,10 @@ class MLP(_PolicyScope):
   hidden: int = 0
 
   @nn.compact
-  def __call__(self, x, step):
+  def __call__(self, x, ctx):
     d = x.shape[-1]
-    x = nn.gelu(self.linear("fc1", self.hidden)(x, step), approximate=True)
-    return self.linear("fc2", d)(x, step)
+    x = nn.gelu(self.linear("fc1", self.hidden)(x, ctx), approximate=True)
+    return self.linear("fc2", d)(x, ctx)
 
 
 class TimestepEmbedder(_PolicyScope):
@@ -159,11 +161,11 @@ class TimestepEmbedder(_PolicyScope):
   freq_shift: int = 0
 
   @nn.compact
-  def __call__(self, t, step):
+  def __call__(self, t, ctx):
     init = nn.initializers.normal(0.02)
     h = timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift)
-    h = nn.silu(self.linear("mlp_0", self.hidden_size, kernel_init=init)(h, step))
-    return self.linear("mlp_2", self.hidden_size, kernel_init=init)(h, step)
+    h = nn.silu(self.linear("mlp_0", self.hidden_size, kernel_init=init)(h, ctx))
+    return self.linear("mlp_2", self.hidden_size, kernel_init=init)(h, ctx)
 
 
 class LabelEmbedder(nn.Module):
@@ -186,41 +188,66 @@ class FinalLayer(_PolicyScope):
   out_features: int = 0
 
   @nn.compact
-  def __call__(self, x, c, step):
+  def __call__(self, x, c, ctx):
     d = x.shape[-1]
     shift, scale = jnp.split(
-        self.linear("adaLN_modulation", 2 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), step), 2, axis=-1)
+        self.linear("adaLN_modulation", 2 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), ctx), 2, axis=-1)
     x = _modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm_final")(x), shift, scale)
-    return self.linear("linear", self.out_features, kernel_init=nn.initializers.zeros)(x, step)
+    return self.linear("linear", self.out_features, kernel_init=nn.initializers.zeros)(x, ctx)
 
 
 class DiT(_PolicyScope):
   """x (N, H, W, C) float, t (N,) original timestep indices, y (N,) int labels -> (N, H, W, out_channels).
 
-  `step` is the index of the sampling step (a scalar, traced or not); layers whose policy keeps per-step state
-  (activation quantizers calibrated per step, caches) select it with this index, never with a counter.
+  `ctx` is the sampling step's `plan.StepContext` (default: step 0, a full step); layers whose policy keeps
+  per-step state (activation quantizers calibrated per step, caches) select it by `ctx.index`, never by a counter.
   """
   config: DiTConfig = DiTConfig()
 
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False, step=0):
+  def __call__(self, x, t, y, train: bool = False, ctx: plan.StepContext | None = None):
     cfg = self.config
+    ctx = plan.StepContext() if ctx is None else ctx
     if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
       raise ValueError(f"DiT expects inputs of shape (N, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) "
                        f"(NHWC); got {x.shape}. Resize/pad the data or pick a config with matching input_size.")
     p, d = cfg.patch_size, cfg.hidden_size
-    tokens = self.linear("x_embedder", d)(patchify(x, p), step)
+    tokens = self.linear("x_embedder", d)(patchify(x, p), ctx)
     tokens = tokens + jnp.asarray(sincos_pos_embed_2d(d, cfg.grid_size))[None]
     c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, policies=self.policies,
-                         name="t_embedder")(t, step)
+                         name="t_embedder")(t, ctx)
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
     for i in range(cfg.depth):
       tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
                         policies=self.policies,
-                        name=f"blocks_{i}")(tokens, c, step)
+                        name=f"blocks_{i}")(tokens, c, ctx)
     out = FinalLayer(out_features=p * p * cfg.out_channels, policies=self.policies, name="final_layer")(tokens, c,
-                                                                                                     step)
+                                                                                                     ctx)
     return unpatchify(out, p, cfg.out_channels)
+
+
+STATE_COLLECTIONS = ("cache",)  # variable collections a DiT carries from one sampling step to the next
+
+
+def model_fn(model: DiT) -> Callable:
+  """The sampler's contract for `model`: fn(variables, state, x, t, y, ctx) -> (out, state), where `state` holds
+  the model's state collections (mutable during the call) and `variables` every other collection."""
+  def fn(variables, state, x, t, y, ctx):
+    if not state:
+      return model.apply(variables, x, t, y, ctx=ctx), state
+    out, new = model.apply({**variables, **state}, x, t, y, ctx=ctx, mutable=list(state))
+    return out, dict(new)
+  return fn
+
+
+def init_state(model: DiT, variables, rows: int) -> dict:
+  """Zeros of the state collections `model` writes on a full step, for `rows` network rows (2 per image under
+  guidance); {} for a model that keeps none. Shapes come from jax.eval_shape: nothing runs."""
+  cfg = model.config
+  x = jnp.zeros((rows, cfg.input_size, cfg.input_size, cfg.in_channels))
+  t = jnp.zeros((rows,), jnp.int32)
+  _, shapes = jax.eval_shape(lambda v: model.apply(v, x, t, t, mutable=list(STATE_COLLECTIONS)), variables)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes))
 
 
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:

@@ -141,7 +141,7 @@ def integer_weight(q: dict, policy: LayerPolicy):
 
 
 def quantized_input(x, q: dict, policy: LayerPolicy, step):
-  """Q_a(x / s) with the (scale, zero) entry of sampling step `step` (clipped to the calibrated range)."""
+  """Q_a(x / s) with the (scale, zero) entry of plan index `step` (clipped to the calibrated range)."""
   if policy.smooth:
     x = x / q["smooth"]
   if not policy.a_bits:
@@ -160,7 +160,9 @@ class Linear(nn.Module):
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x, step=0):
+  def __call__(self, x, ctx=None):
+    """y (..., features) of x (..., in) at step `ctx` (a plan.StepContext; None: step 0)."""
+    step = 0 if ctx is None else ctx.index
     n_in = x.shape[-1]
     kernel = lambda: self.param("kernel", self.kernel_init, (n_in, self.features), jnp.float32)
     if self.policy.kind == "float":
