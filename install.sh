@@ -36,7 +36,7 @@ find_python() {
 
 py="$(find_python)"
 if [ "${1:-}" = "--which" ]; then echo "$py"; exit 0; fi
-if [ -e .venv ] && ! runs .venv/bin/python; then
+if { [ -e .venv ] || [ -L .venv ]; } && ! runs .venv/bin/python; then  # -L: a dangling link counts too
   echo "install.sh: .venv exists but its python is not a working 3.12/3.13; remove it (rm -rf .venv) and re-run." >&2
   exit 1
 fi

@@ -19,12 +19,16 @@ def fake_python(path, supported: bool):
   script(path, "exit 0\n" if supported else "exit 1\n")
 
 
-def which(tmp_path):
-  for tool in ("grep", "sort", "tail", "dirname"):  # PATH holds only these and the fakes: no real python
-    (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
-  env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)}
-  return subprocess.run([shutil.which("bash"), os.path.join(ROOT, "install.sh"), "--which"], env=env,
+def install(bindir, script_path, *args):
+  """Runs install.sh with a PATH of only the tools it needs and the fakes in `bindir`: no real python."""
+  for tool in ("grep", "sort", "tail", "dirname"):
+    (bindir / tool).symlink_to(shutil.which(tool))
+  return subprocess.run([shutil.which("bash"), str(script_path), *args], env={"PATH": str(bindir)},
                         capture_output=True, text=True, timeout=60)
+
+
+def which(tmp_path):
+  return install(tmp_path / "bin", os.path.join(ROOT, "install.sh"), "--which")
 
 
 @pytest.fixture
@@ -56,3 +60,11 @@ def test_no_usable_python_is_a_clear_error(tmp_path, bindir):
   fake_python(bindir / "python3.13", False)  # a python3.13 that fails the version check does not count
   out = which(tmp_path)
   assert out.returncode != 0 and "no Python 3.12 or 3.13 found" in out.stderr and "PYTHON=" in out.stderr
+
+
+def test_a_broken_venv_is_named_not_silently_reused(tmp_path, bindir):
+  fake_python(bindir / "python3.12", True)
+  shutil.copy(os.path.join(ROOT, "install.sh"), tmp_path / "install.sh")
+  (tmp_path / ".venv").symlink_to(tmp_path / "nowhere")  # e.g. a link left from another checkout
+  out = install(bindir, tmp_path / "install.sh")
+  assert out.returncode != 0 and ".venv exists but its python is not a working 3.12/3.13" in out.stderr
