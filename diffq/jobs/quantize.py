@@ -184,13 +184,13 @@ def run(config, workdir: str) -> dict:
                                   clip_x0=s.clip_x0)
   # What each stage's result depends on (stage caches are reused only under equal settings). The quantizers'
   # gradient rule matters from distillation on; the OMQ search settings only where OMQ runs.
-  calib_only = lambda d, drop: {k: v for k, v in d.items() if k not in drop}
+  without = lambda d, drop: {k: v for k, v in d.items() if k not in drop}
   omq_keys = () if config.quant.omq else ("omq_fractions", "omq_images_per_step")
   calib_settings = dict(
       params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
-      quant=calib_only(config.quant.to_dict(), ("grad",) + omq_keys),
-      policies={p: calib_only(dataclasses.asdict(pol), ("grad",)) for p, pol in table},
-      calib=calib_only(config.calib.to_dict(), omq_keys),
+      quant=without(config.quant.to_dict(), ("grad",) + omq_keys),
+      policies={p: without(dataclasses.asdict(pol), ("grad",)) for p, pol in table},
+      calib=without(config.calib.to_dict(), omq_keys),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
                    clip_x0=s.clip_x0))
   distill_settings = dict(calib_settings, grad=config.quant.grad,
@@ -212,7 +212,6 @@ def run(config, workdir: str) -> dict:
   path, job_metrics = exported(config, model_cfg, params, quantize, table, workdir, export_settings)
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = export.import_quantized(path)
-  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table),
-                params=sum(int(np.size(x)) for x in jax.tree.leaves(params)))  # weights of the model, not the file
+  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table))
   common.write_metrics(workdir, result)
   return result

@@ -180,7 +180,8 @@ def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, work
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
                 gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale) / 1e9,
-                params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
+                params=sum(int(np.prod(x.shape)) for x in  # the model's weights, whatever the export stores
+                           jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
   if config.evaluate:
     from diffq.jobs import evaluate
     result.update(evaluate.score(config.eval, images, labels))
