@@ -7,7 +7,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (get_con
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.json, samples and exports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("train", "sample", "evaluate", "quantize", "export_dit", "train_classifier")
+JOBS = ("train", "sample", "evaluate", "quantize", "icc", "export_dit", "train_classifier")
 
 
 def main(argv):

@@ -15,6 +15,7 @@ def get_config(arg=None):
   c.batch_size = 250
   c.diffusion_steps = 1000
   c.spacing = "ddim20"                     # respacing: "ddimN", "N" or "a,b,c" section counts
+  c.cache_pattern = ""                     # step kinds: "" all full, "period:p" or F/C per step (cached models)
   c.method = "ddim"                        # ddim | ddpm
   c.eta = 0.0
   c.clip_x0 = True                         # ADM clip_denoised: right for pixel data (DiT's latents: False)

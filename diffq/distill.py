@@ -8,8 +8,14 @@ networks see the same CFG batch (x_t, t, y); the loss is
     L_TRD = sum_b sum_rows KL(softmax(S_fp) || softmax(S_q)),   S = F^ F^T,   F^ = l2norm(mean_window(F))
 
 with F the last DiT block's output tokens (2B, T, D). The trajectory follows the FP model (teacher forcing):
-x_{t-1} = DDIM(x_t, FP output). Trainable: the `quant` variables of layers that carry LoRA (LoRA A/B,
-weight and per-step activation scales/zeros); the 8-bit boundary layers carry no LoRA and stay frozen.
+x_{t-1} = DDIM(x_t, FP output). Trainable: the leaves the layer specs declare (`LayerSpec.trainable`: LoRA A/B,
+weight and per-step activation scales/zeros of layers with `train`), each with its group's learning rate; the
+8-bit boundary layers do not train.
+
+The loss is a list of terms (`loss_terms`: name, logged weight, gradient weight, fn of the step's forwards),
+and two hooks let a method act on the trained leaves: `post_update(train, opt_state, step) -> (train,
+opt_state)` after every optimiser update, `trajectory_start(train, opt_state, trajectory) -> (train, opt_state)`
+before the first step of every trajectory.
 
 TRD gradient (`trd_grad`): the released code detaches both features, so TRD never trains (`"none"`
 reproduces that: the term is logged, and the differentiated loss is that of a run without TRD, so it trains
@@ -20,6 +26,9 @@ were produced before the last update and enter as constants.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -28,10 +37,10 @@ import numpy as np
 import optax
 
 from diffq import parallel, plan as plan_lib, sampler
-from diffq.models import dit, layers
+from diffq.models import dit
+from diffq.seam import spec as spec_lib
 
 TRD_GRADS = ("current", "none")
-LORA, WEIGHT_Q, ACT_Q = ("lora_a", "lora_b"), ("w_scale", "w_zero"), ("a_scale", "a_zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +56,15 @@ class DistillConfig:
   trd_weight: float = 100.0         # 0 = EfficientDM (no TRD)
   trd_window: int = 2
   trd_grad: str = "current"
+
+  @classmethod
+  def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
+    """DistillConfig(**cfg) without the keys in `ignore` (the outer loop's); an unknown key is an error."""
+    kw = {k: v for k, v in dict(cfg).items() if k not in ignore}
+    unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"Unknown distillation settings {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}.")
+    return cls(**kw)
 
   def __post_init__(self):
     if self.trd_grad not in TRD_GRADS:
@@ -64,22 +82,29 @@ def relation_kl(f_fp, f_q):
   return jnp.sum(jnp.exp(lp_fp) * (lp_fp - lp_q))
 
 
-def split_trainable(quant: dict, table: layers.PolicyTable) -> tuple[dict, dict]:
+def trainable_groups(quant: dict, table: spec_lib.SpecTable) -> dict:
+  """{path tuple: learning-rate group} of the `quant` leaves the layer specs declare trainable."""
+  groups = {}
+  for k in flax.traverse_util.flatten_dict(quant):
+    group = spec_lib.resolve("/".join(k[:-1]), table).trainable().get(k[-1])
+    if group:
+      groups[k] = group
+  return groups
+
+
+def split_trainable(quant: dict, table: spec_lib.SpecTable) -> tuple[dict, dict]:
   """(trainable, frozen) flat dicts {path tuple: array} of a `quant` collection (see module docstring)."""
   flat = flax.traverse_util.flatten_dict(quant)
-  names = LORA + WEIGHT_Q + ACT_Q
-  train = {k: v for k, v in flat.items()
-           if k[-1] in names and layers.resolve_policy("/".join(k[:-1]), table).lora_rank > 0}
-  return train, {k: v for k, v in flat.items() if k not in train}
+  groups = trainable_groups(quant, table)
+  return {k: v for k, v in flat.items() if k in groups}, {k: v for k, v in flat.items() if k not in groups}
 
 
-def learning_rates(trainable: dict, cfg: DistillConfig) -> dict:
-  """Per-leaf learning rates: LoRA mean(w_scale of its layer) / divisor, weight quantizer, activation quantizer."""
-  def lr(k):
-    if k[-1] in LORA:
-      return float(jnp.mean(trainable[k[:-1] + ("w_scale",)])) / cfg.lora_lr_divisor
-    return cfg.w_quant_lr if k[-1] in WEIGHT_Q else cfg.a_quant_lr
-  return {k: lr(k) for k in trainable}
+def learning_rates(trainable: dict, groups: dict, cfg: DistillConfig) -> dict:
+  """Per-leaf learning rates by group: LoRA mean(w_scale of its layer) / divisor, weight quantizer, activation
+  quantizer."""
+  by_group = {"weight_quant": lambda k: cfg.w_quant_lr, "act_quant": lambda k: cfg.a_quant_lr,
+              spec_lib.LORA_GROUP: lambda k: float(jnp.mean(trainable[k[:-1] + ("w_scale",)])) / cfg.lora_lr_divisor}
+  return {k: by_group[groups[k]](k) for k in trainable}
 
 
 def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int) -> optax.GradientTransformation:
@@ -102,12 +127,69 @@ def _unkeyed(flat: dict) -> dict:
   return {tuple(k.split("/")): v for k, v in flat.items()}
 
 
-class Distiller:
-  """Builds the state and the jitted step of the loop for one model / plan / policy table."""
+class Forwards(NamedTuple):
+  """What a loss term sees of one step: guided outputs (B, H, W, 2C) and last-block tokens (rows, T, D) of both
+  networks, the window-averaged tokens (`trd_window` steps, this one included) and whether this step ends a
+  window (1.0 / 0.0)."""
+  out_fp: jax.Array
+  out_q: jax.Array
+  f_fp: jax.Array
+  f_q: jax.Array
+  window_fp: jax.Array
+  window_q: jax.Array
+  window_end: jax.Array
 
-  def __init__(self, model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, table: layers.PolicyTable,
-               cfg: DistillConfig, *, cfg_scale: float, eta: float = 0.0, clip_x0: bool = False):
+
+class LossTerm(NamedTuple):
+  """One term of the distillation loss: fn(Forwards) -> scalar, weighted by `weight` in the logged loss and by
+  `grad_weight` in the differentiated one, both times gate(Forwards) (1.0 / 0.0) if a gate is given."""
+  name: str
+  weight: float
+  grad_weight: float
+  fn: Callable
+  gate: Callable | None = None
+
+
+def eps_mse(channels: int) -> Callable:
+  """sum (eps_q - eps_fp)^2 over the eps channels of the guided outputs."""
+  return lambda f: jnp.sum((f.out_q[..., :channels] - f.out_fp[..., :channels]) ** 2)
+
+
+def window_relation_kl(f: Forwards):
+  """MPQ-DM's time-smoothed relation distillation on the window-averaged tokens."""
+  return relation_kl(f.window_fp, f.window_q)
+
+
+def loss_terms(cfg: DistillConfig, channels: int) -> tuple[LossTerm, ...]:
+  """The eps MSE and TRD (at window ends; trains only with trd_grad='current')."""
+  return (LossTerm("mse", 1.0, 1.0, eps_mse(channels)),
+          LossTerm("trd", cfg.trd_weight, cfg.trd_weight if cfg.trd_grad == "current" else 0.0, window_relation_kl,
+                   lambda f: f.window_end))
+
+
+def combine(terms, values, fw: Forwards, grad: bool):
+  """sum_k w_k [gate_k] v_k with the logged (grad=False) or the gradient weights."""
+  parts = []
+  for term, v in zip(terms, values):
+    w = term.grad_weight if grad else term.weight
+    if term.gate is not None:
+      w = w * term.gate(fw)
+    parts.append(v if isinstance(w, float) and w == 1.0 else w * v)
+  return functools.reduce(operator.add, parts)
+
+
+def _no_hook(train, opt_state, _):
+  return train, opt_state
+
+
+class Distiller:
+  """Builds the state and the jitted step of the loop for one model / plan / spec table."""
+
+  def __init__(self, model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, table: spec_lib.SpecTable,
+               cfg: DistillConfig, *, cfg_scale: float, eta: float = 0.0, clip_x0: bool = False,
+               post_update: Callable | None = None, trajectory_start: Callable | None = None):
     self.model_cfg, self.plan, self.table, self.cfg = model_cfg, plan, tuple(table), cfg
+    self.post_update, self.trajectory_start = post_update, trajectory_start
     if eta != 0.0:
       raise ValueError(f"Distillation follows the deterministic DDIM trajectory (eta = 0, as MPQ-DM's ImageNet "
                        f"recipe); got eta={eta}. Set sample.eta=0.")
@@ -115,14 +197,16 @@ class Distiller:
     self.num_steps = cfg.trajectories * len(plan.steps)
     self.shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
     self._lrs = None
+    self.terms = loss_terms(cfg, self.shape[-1])
 
   def init_state(self, quant: dict) -> tuple[dict, dict]:
     """(state, frozen quant vars) from a calibrated `quant` collection."""
-    train, frozen = split_trainable(jax.tree.map(jnp.array, quant), self.table)  # copies: the step donates
+    quant = jax.tree.map(jnp.array, quant)  # copies: the step donates
+    train, frozen = split_trainable(quant, self.table)
     if not train:
-      raise ValueError("Distillation has nothing to train: no layer of the policy table carries LoRA; set "
-                       "quant.lora_rank > 0.")
-    self._lrs = _keyed(learning_rates(train, self.cfg))
+      raise ValueError("Distillation has nothing to train: no layer spec declares trainable leaves (the quantize "
+                       "job trains layers that carry LoRA); set quant.lora_rank > 0.")
+    self._lrs = _keyed(learning_rates(train, trainable_groups(quant, self.table), self.cfg))
     train = _keyed(train)
     rows = self.cfg.images * (2 if self.cfg_scale != 1.0 else 1)
     feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
@@ -140,9 +224,9 @@ class Distiller:
     return (np.asarray(jax.random.normal(k_x, (self.cfg.images, *self.shape))),
             np.asarray(jax.random.randint(k_y, (self.cfg.images,), 0, self.model_cfg.num_classes)))
 
-  def _forward(self, policies, variables, x, t, y, step):
+  def _forward(self, specs, variables, x, t, y, step):
     """(guided output (B, H, W, 2C), last-block tokens (rows, T, D)) for one CFG network batch."""
-    model = dit.DiT(config=self.model_cfg, policies=policies)
+    model = dit.DiT(config=self.model_cfg, specs=specs)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
     out, inter = model.apply(variables, *batch, ctx=plan_lib.StepContext(step), mutable=["intermediates"],
@@ -157,6 +241,10 @@ class Distiller:
     cfg, s_len = self.cfg, len(self.plan.steps)
     i = state["step"] % s_len
     first = i == 0
+    train, opt_state = state["quant"], state["opt_state"]
+    if self.trajectory_start is not None:
+      train, opt_state = jax.lax.cond(first, self.trajectory_start, _no_hook, train, opt_state,
+                                      state["step"] // s_len)
     x = jnp.where(first, x_T, state["x"])
     acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
     t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
@@ -164,28 +252,29 @@ class Distiller:
     out_fp, f_fp = self._forward((), {"params": params}, x, t, labels, i)
     window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
 
-    # trd_grad="none" differentiates the very loss of a run without TRD (weight 0), so it trains exactly like
-    # one; the logged loss still carries the (detached) TRD term, as the released code reports it.
-    grad_weight = cfg.trd_weight if cfg.trd_grad == "current" else 0.0
-
+    # trd_grad="none" differentiates the very loss of a run without TRD (gradient weight 0), so it trains exactly
+    # like one; the logged loss still carries the (detached) TRD term, as the released code reports it.
     def loss_fn(train):
       quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
       out_q, f_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i)
-      c = self.shape[-1]
-      mse = jnp.sum((out_q[..., :c] - out_fp[..., :c]) ** 2)
-      trd = relation_kl((acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window)
-      return mse + grad_weight * window_end * trd, (mse, trd, f_q)
+      fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
+                    window_end)
+      values = [term.fn(fw) for term in self.terms]
+      return combine(self.terms, values, fw, grad=True), (values, fw)
 
-    grads, (mse, trd, f_q) = jax.grad(loss_fn, has_aux=True)(state["quant"])
-    updates, opt_state = self.optimizer().update(grads, state["opt_state"], state["quant"])
+    grads, (values, fw) = jax.grad(loss_fn, has_aux=True)(train)
+    updates, opt_state = self.optimizer().update(grads, opt_state, train)
+    train = optax.apply_updates(train, updates)
+    if self.post_update is not None:
+      train, opt_state = self.post_update(train, opt_state, state["step"])
     steps = jnp.asarray(self.plan.steps, jnp.int32)
     x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_fp, x, steps[i], jnp.zeros_like(x),
                                   self.clip_x0)
     keep = 1.0 - window_end
-    new = dict(step=state["step"] + 1, quant=optax.apply_updates(state["quant"], updates), opt_state=opt_state,
-               x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + f_q))
-    metrics = dict(loss=mse + cfg.trd_weight * window_end * trd, mse=mse, trd=trd,
-                   grad_norm=optax.tree.norm(grads))
+    new = dict(step=state["step"] + 1, quant=train, opt_state=opt_state,
+               x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q))
+    metrics = dict(loss=combine(self.terms, values, fw, grad=False),
+                   **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads))
     return new, metrics
 
   def merged_quant(self, state, frozen) -> dict:

@@ -51,6 +51,7 @@ def register_kind(kind: StepKind) -> StepKind:
 
 
 FULL = register_kind(StepKind("full"))
+CACHED = register_kind(StepKind("cached", cache="read"))  # the layers' cache parts read (ICC, naive reuse)
 
 
 @flax.struct.dataclass
@@ -98,10 +99,32 @@ class StepPlan:
     return tuple(zip(starts, starts[1:] + [len(sizes)]))
 
 
-def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20", kinds: tuple[str, ...] | None = None) -> StepPlan:
-  """Plan over `space_timesteps(num_train_steps, spacing)`, last (noisiest) first; every step 'full' unless
-  `kinds` names one kind per step."""
+def kinds_from_pattern(pattern: str, num_steps: int) -> tuple[str, ...]:
+  """Step kinds of a cache pattern: '' every step full; 'period:p' full at steps 0, p, 2p, ... (ICC's schedule)
+  and cached between; or one letter per step, F (full) or C (cached), e.g. 'FCCFCFFF'."""
+  if not pattern:
+    return ("full",) * num_steps
+  if pattern.startswith("period:"):
+    try:
+      p = int(pattern[len("period:"):])
+    except ValueError:
+      p = 0
+    if p < 1:
+      raise ValueError(f"Cache pattern {pattern!r}: the period must be a positive integer, e.g. 'period:2'.")
+    return tuple("full" if i % p == 0 else "cached" for i in range(num_steps))
+  letters = {"F": "full", "C": "cached"}
+  if len(pattern) != num_steps or set(pattern) - set(letters):
+    raise ValueError(f"Cache pattern {pattern!r} must be '', 'period:p' or {num_steps} letters F (full) / C "
+                     "(cached), one per step of the plan.")
+  return tuple(letters[c] for c in pattern)
+
+
+def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20", kinds: tuple[str, ...] | None = None,
+              pattern: str = "") -> StepPlan:
+  """Plan over `space_timesteps(num_train_steps, spacing)`, last (noisiest) first; the step kinds are `kinds`
+  (one name per step) or those of the cache `pattern` (`kinds_from_pattern`; '' = every step full)."""
   base = gaussian.Schedule.from_betas(gaussian.linear_betas(num_train_steps))
   sched = respace.respace(base, respace.space_timesteps(num_train_steps, spacing))
   steps = tuple(range(sched.num_steps - 1, -1, -1))
-  return StepPlan(schedule=sched, steps=steps, kinds=tuple(kinds) if kinds is not None else ("full",) * len(steps))
+  kinds = tuple(kinds) if kinds is not None else kinds_from_pattern(pattern, len(steps))
+  return StepPlan(schedule=sched, steps=steps, kinds=kinds)

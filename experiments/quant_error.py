@@ -14,7 +14,6 @@ Writes experiments/results/<out>.md (tables) and <out>.png (per-step curves).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
 import os
 import sys
@@ -30,8 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 from diffq import plan as plan_lib, sampler  # noqa: E402
 from diffq.jobs import sample  # noqa: E402
 from diffq.io import npz  # noqa: E402
-from diffq.models import dit, layers  # noqa: E402
-from diffq.quant import export  # noqa: E402
+from diffq.io import quantized  # noqa: E402
+from diffq.models import dit  # noqa: E402
+from diffq.seam import inputs, spec as spec_lib  # noqa: E402
 
 FP_PARAMS = "diffq/assets/dit_fm_ema.npz"
 GROUPS = ("x_embedder,t_embedder/*,*/adaLN_modulation,*/attn/qkv,*/attn/proj,*/mlp/fc1,*/mlp/fc2,"
@@ -39,20 +39,20 @@ GROUPS = ("x_embedder,t_embedder/*,*/adaLN_modulation,*/attn/qkv,*/attn/proj,*/m
 
 
 def weight_only(table):
-  """The same policy table with float activations everywhere."""
-  return tuple((pattern, dataclasses.replace(p, a_bits=0)) for pattern, p in table)
+  """The same spec table with float activations everywhere."""
+  return tuple((pattern, s.replace(input=inputs.Float())) for pattern, s in table)
 
 
 def float_acts_in(table, pattern: str, layer_paths):
-  """The same policy table with float activations in the layers matching `pattern` (each keeps its weights)."""
+  """The same spec table with float activations in the layers matching `pattern` (each keeps its weights)."""
   hits = [p for p in layer_paths if fnmatch.fnmatchcase(p, pattern)]
   if not hits:
     raise SystemExit(f"--groups pattern {pattern!r} matches no layer; layers look like {layer_paths[:4]}.")
-  return tuple((p, dataclasses.replace(layers.resolve_policy(p, table), a_bits=0)) for p in hits) + tuple(table)
+  return tuple((p, spec_lib.resolve(p, table).replace(input=inputs.Float())) for p in hits) + tuple(table)
 
 
 def guided_eps_fn(model_cfg, table):
-  model_fn = dit.model_fn(dit.DiT(config=model_cfg, policies=tuple(table)))
+  model_fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table)))
   return model_fn, jax.jit(lambda v, x, t, y, step, cfg: sampler.guided(
       model_fn, v, {}, x, t, y, plan_lib.StepContext(step), cfg, model_cfg.num_classes)[0][
           ..., :model_cfg.in_channels], static_argnums=5)
@@ -101,7 +101,7 @@ def main() -> None:
   groups = [g for g in args.groups.split(",") if g]
   curves, rows, group_rows = {}, [], []
   for r in runs:
-    qcfg, variables, table = export.import_quantized(os.path.join(r, "quantized.npz"))
+    qcfg, variables, table = quantized.import_quantized(os.path.join(r, "quantized.npz"))
     name = os.path.basename(os.path.normpath(r))
     e_full, e_w = error(qcfg, table, variables), error(qcfg, weight_only(table), variables)
     x0_q, _ = draw(guided_eps_fn(qcfg, table)[0], variables)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from diffq import calibrate, parallel, plan as plan_lib
-from diffq.models import dit, layers
+from diffq.models import dit
+from diffq.quant import ranges
+from diffq.seam import rules
 
 
 def np_mse_range(x, bits, p=2.4, n=80):
@@ -25,7 +27,7 @@ def np_mse_range(x, bits, p=2.4, n=80):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_mse_range_matches_numpy(bits):
   x = np.random.default_rng(bits).standard_t(3, size=(64, 5)).astype(np.float32)
-  s, z = calibrate.mse_range(jnp.asarray(x), bits, (0,))
+  s, z = ranges.mse_range(jnp.asarray(x), bits, (0,))
   for c in range(5):
     rs, rz = np_mse_range(x[:, c].astype(np.float64), bits)
     np.testing.assert_allclose(s[0, c], rs, rtol=1e-4)
@@ -35,7 +37,7 @@ def test_mse_range_matches_numpy(bits):
 def test_smoothing_is_an_identity_without_quantization():
   rng = np.random.default_rng(0)
   x, w = rng.normal(size=(10, 6)) * [1, 10, 0.1, 5, 1, 0], rng.normal(size=(6, 4))
-  s = calibrate.smooth_scale(np.abs(x).max(0), np.abs(w).max(1))
+  s = ranges.smooth_scale(np.abs(x).max(0), np.abs(w).max(1))
   assert np.all(np.isfinite(s))  # a dead channel (max 0) must not give inf/NaN
   np.testing.assert_allclose((x / s) @ (w * np.asarray(s)[:, None]), x @ w, rtol=1e-5, atol=1e-6)
 
@@ -54,29 +56,29 @@ def tiny_setup(num_images=8):
 def test_calibrated_w8a8_model_tracks_fp():
   cfg, params, cal = tiny_setup()
   assert cal.xs.shape == (4, 8, 32, 32, 1)
-  pol = layers.LayerPolicy(kind="fakequant", w_bits=8, a_bits=8, a_steps=4, smooth=True)
+  pol = rules.scalar_spec(8, 8, 4, smooth=True)
   table = (("*", pol),)
-  quant, _ = calibrate.calibrate(cfg, params, cal, table)
+  quant, _ = calibrate.calibrate(cfg, {"params": params}, cal, table)
   x, t, y = calibrate._model_batch(cal, 2)
   fp = dit.DiT(config=cfg).apply({"params": params}, x, t, y)
-  q8 = dit.DiT(config=cfg, policies=table).apply({"params": params, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(2))
+  q8 = dit.DiT(config=cfg, specs=table).apply({"params": params, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(2))
   rel = float(jnp.linalg.norm(q8 - fp) / jnp.linalg.norm(fp))
   assert rel < 0.02, rel
-  pol4 = layers.LayerPolicy(kind="fakequant", w_bits=4, a_bits=4, a_steps=4)
-  q4 = dit.DiT(config=cfg, policies=(("*", pol4),)).apply(
-      {"params": params, "quant": calibrate.calibrate(cfg, params, cal, (("*", pol4),))[0]}, x, t, y, ctx=plan_lib.StepContext(2))
+  pol4 = rules.scalar_spec(4, 4, 4)
+  q4 = dit.DiT(config=cfg, specs=(("*", pol4),)).apply(
+      {"params": params, "quant": calibrate.calibrate(cfg, {"params": params}, cal, (("*", pol4),))[0]}, x, t, y, ctx=plan_lib.StepContext(2))
   assert float(jnp.linalg.norm(q4 - fp) / jnp.linalg.norm(fp)) > rel  # fewer bits, more error
 
 
 def test_calibration_on_8_devices_equals_1_device():
   cfg, params, cal = tiny_setup(num_images=8)
-  pol = layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=4, smooth=True, mixed_bits=True)
-  one = calibrate.calibrate(cfg, params, cal, (("*", pol),))
+  pol = rules.scalar_spec(2, 4, 4, smooth=True, mixed=True)
+  one = calibrate.calibrate(cfg, {"params": params}, cal, (("*", pol),))
   mesh = parallel.make_mesh(8)
   sharded = calibrate.CalibrationSet(jax.device_put(cal.xs, jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, parallel.DATA))), jax.device_put(cal.labels,
       parallel.batch_sharded(mesh)), cal.plan, cal.cfg_scale, cal.null_class)
   assert len(sharded.xs.sharding.device_set) == 8
-  eight = calibrate.calibrate(cfg, params, sharded, (("*", pol),))
+  eight = calibrate.calibrate(cfg, {"params": params}, sharded, (("*", pol),))
   assert one[1] == eight[1] and one[1]  # same OMQ choices
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, eight)

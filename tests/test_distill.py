@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from diffq import calibrate, distill, parallel, plan as plan_lib, sampler
-from diffq.models import dit, layers
+from diffq.models import dit
+from diffq.seam import rules
 
 from tests.test_calibrate import tiny_setup
 
@@ -30,15 +31,16 @@ def test_relation_kl_matches_numpy_and_is_zero_for_equal_features():
 @pytest.fixture(scope="module")
 def setup():
   cfg, params, cal = tiny_setup(num_images=8)
-  pol = layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=4, smooth=True, lora_rank=4)
-  table = (("x_embedder", layers.LayerPolicy(kind="fakequant", w_bits=8, a_bits=8, a_steps=4)), ("*", pol))
-  quant, _ = calibrate.calibrate(cfg, params, cal, table)
+  pol = rules.scalar_spec(2, 4, 4, smooth=True, lora_rank=4)
+  table = (("x_embedder", rules.scalar_spec(8, 8, 4)), ("*", pol))
+  quant, _ = calibrate.calibrate(cfg, {"params": params}, cal, table)
   return cfg, params, cal.plan, table, quant
 
 
-def make(setup, **kw):
+def make(setup, hooks=None, **kw):
   cfg, params, plan, table, quant = setup
-  d = distill.Distiller(cfg, plan, table, distill.DistillConfig(trajectories=2, images=8, **kw), cfg_scale=1.5)
+  d = distill.Distiller(cfg, plan, table, distill.DistillConfig(trajectories=2, images=8, **kw), cfg_scale=1.5,
+                        **(hooks or {}))
   state, frozen = d.init_state(quant)
   return d, state, frozen, params
 
@@ -63,7 +65,7 @@ def test_first_step_loss_is_the_eps_error_of_the_guided_models(setup):
   t = jnp.full((8,), int(plan.model_timesteps[0]))
   ctx = plan_lib.StepContext(0)
   fp, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg)), {"params": params}, {}, x_T, t, y, ctx, 1.5, 10)
-  q, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg, policies=table)), {"params": params, "quant": quant}, {},
+  q, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg, specs=table)), {"params": params, "quant": quant}, {},
                         x_T, t, y, ctx, 1.5, 10)
   np.testing.assert_allclose(m["mse"], np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2), rtol=1e-4)
   assert m["loss"] == m["mse"]
@@ -108,8 +110,32 @@ def test_bad_settings_are_refused(setup):
   cfg, params, plan, _, quant = setup
   with pytest.raises(ValueError, match="eta"):
     distill.Distiller(cfg, plan, (), distill.DistillConfig(), cfg_scale=1.5, eta=1.0)
-  no_lora = (("*", layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=4)),)
-  q, _ = calibrate.calibrate(cfg, params, calibrate.CalibrationSet(
+  no_lora = (("*", rules.scalar_spec(2, 4, 4)),)
+  q, _ = calibrate.calibrate(cfg, {"params": params}, calibrate.CalibrationSet(
       jnp.zeros((4, 2, 32, 32, 1)), jnp.arange(2), plan, 1.0, 10), no_lora)
   with pytest.raises(ValueError, match="lora_rank"):
     distill.Distiller(cfg, plan, no_lora, distill.DistillConfig(), cfg_scale=1.5).init_state(q)
+
+
+def test_hooks_run_after_every_update_and_at_every_trajectory_start(setup):
+  """post_update sees the updated leaves (here: it pins lora_b to zero); trajectory_start runs before step 0 of each
+  trajectory only (here: it counts trajectories in a_zero of one layer)."""
+  key = "blocks_0/attn/qkv/lora_b"
+  pin = lambda train, opt, step: ({**train, key: jnp.zeros_like(train[key])}, opt)
+  mark = lambda train, opt, j: ({**train, "blocks_1/mlp/fc2/a_zero": train["blocks_1/mlp/fc2/a_zero"] + 100.0}, opt)
+  d, state, frozen, params = make(setup, dict(post_update=pin, trajectory_start=mark), a_quant_lr=0.0)
+  s0 = np.asarray(state["quant"]["blocks_1/mlp/fc2/a_zero"])
+  state, _ = run_steps(d, state, frozen, params, 5, parallel.make_mesh(1))  # steps 0..4: trajectories 0 and 1
+  assert not np.any(state["quant"][key])
+  np.testing.assert_allclose(state["quant"]["blocks_1/mlp/fc2/a_zero"], s0 + 200.0, rtol=1e-6)
+  plain, _ = run_steps(*make(setup), 1, parallel.make_mesh(1))
+  assert np.any(plain["quant"][key])  # without the hook, LoRA B moves off zero
+
+
+def test_loss_terms_and_config_from_a_config_block():
+  terms = distill.loss_terms(distill.DistillConfig(trd_weight=7.0, trd_grad="none"), channels=1)
+  assert [(t.name, t.weight, t.grad_weight) for t in terms] == [("mse", 1.0, 1.0), ("trd", 7.0, 0.0)]
+  cfg = distill.DistillConfig.from_config(dict(trajectories=3, log_every=5), ignore=("log_every",))
+  assert cfg.trajectories == 3
+  with pytest.raises(ValueError, match="Unknown distillation settings \\['trajectorie'\\]"):
+    distill.DistillConfig.from_config(dict(trajectorie=3))

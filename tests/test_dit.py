@@ -9,6 +9,7 @@ import pytest
 
 from diffq.io import diffusers_dit
 from diffq.models import dit, layers
+from diffq.seam import spec as spec_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -84,9 +85,9 @@ def test_every_matmul_goes_through_the_seam():
   n_dots = sum(e.primitive.name == "dot_general" for e in jaxpr.jaxpr.eqns)
   assert len(calls) == 1 + 2 + 5 * cfg.depth + 2
   assert n_dots == len(calls) + 2 * cfg.depth
-  layers.check_policy_table([("blocks_*/attn/qkv", layers.FLOAT)], calls)
+  spec_lib.check_table([("blocks_*/attn/qkv", spec_lib.FLOAT)], calls)
   with pytest.raises(ValueError, match="matches no layer"):
-    layers.check_policy_table([("blocks_*/atn/qkv", layers.FLOAT)], calls)
+    spec_lib.check_table([("blocks_*/atn/qkv", spec_lib.FLOAT)], calls)
 
 
 def test_diffusers_parity():

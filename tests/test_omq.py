@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffq import calibrate
-from diffq.models import layers
 from diffq.quant import omq, ops
+from diffq.seam import weights
 
 
 def test_kurtosis_matches_scipy_with_bessel_std():
@@ -29,9 +28,9 @@ def test_allocation_keeps_average_exactly(n_bits, k):
 def test_k0_reproduces_uniform_per_channel_quantization():
   w = jnp.asarray(np.random.default_rng(1).normal(size=(16, 8)), jnp.float32)
   bits = omq.omq_bit_allocation(omq.kurtosis(w), 3, 0)
-  s_mixed, z_mixed = calibrate.weight_ranges(w, layers.LayerPolicy(kind="fakequant", w_bits=3, mixed_bits=True),
+  s_mixed, z_mixed = weights.weight_ranges(w, weights.Scalar(3, mixed=True),
                                              bits=bits)
-  s_uni, z_uni = calibrate.weight_ranges(w, layers.LayerPolicy(kind="fakequant", w_bits=3))
+  s_uni, z_uni = weights.weight_ranges(w, weights.Scalar(3))
   np.testing.assert_array_equal(ops.fake_quant(w, s_mixed, z_mixed, ops.qmax_of(bits)),
                                 ops.fake_quant(w, s_uni, z_uni, ops.qmax_of(3)))
 

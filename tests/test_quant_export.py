@@ -1,4 +1,3 @@
-import dataclasses
 import types
 
 import jax
@@ -9,40 +8,43 @@ import pytest
 from diffq import calibrate, parallel, plan as plan_lib
 from diffq.io import npz
 from diffq.jobs import sample
-from diffq.models import dit, layers
-from diffq.quant import export, pack
+from diffq.seam import rules
+from diffq.models import dit
+from diffq.seam import spec as spec_lib, weights
+from diffq.io import quantized
+from diffq.quant import pack
 
 CFG = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
 PARAMS = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape),
                       dit.init_params(CFG, jax.random.key(0)))
-BOUNDARY = layers.LayerPolicy(kind="fakequant", w_bits=8, a_bits=8, a_steps=2)
+BOUNDARY = rules.scalar_spec(8, 8, 2)
 CASES = {
     "w2a4": dict(w_bits=2, a_bits=4),
-    "symmetric_w3": dict(w_bits=3, a_bits=4, w_symmetric=True),
-    "group8_w4": dict(w_bits=4, a_bits=8, w_group_size=8),
-    "mixed_w2_smooth": dict(w_bits=2, a_bits=4, mixed_bits=True, smooth=True),
+    "symmetric_w3": dict(w_bits=3, a_bits=4, symmetric=True),
+    "group8_w4": dict(w_bits=4, a_bits=8, group_size=8),
+    "mixed_w2_smooth": dict(w_bits=2, a_bits=4, mixed=True, smooth=True),
     "lora_smooth_w2": dict(w_bits=2, a_bits=4, smooth=True, lora_rank=4),
 }
 
 
 def quantized_model(case):
   """A fake-quant tiny DiT with realistic, non-trivial quantizer state (random smoothing, OMQ bits, LoRA)."""
-  table = (("x_embedder", BOUNDARY), ("*", layers.LayerPolicy(kind="fakequant", a_steps=2, **CASES[case])))
+  table = (("x_embedder", BOUNDARY), ("*", rules.scalar_spec(steps=2, **CASES[case])))
   quant = jax.tree.map(np.array, calibrate.quant_template(CFG, table))
   rng = np.random.default_rng(0)
-  for p in export._layer_paths(quant):
-    q, pol = export._get(quant, p), layers.resolve_policy(p, table)
-    kernel = export._get(PARAMS, p)["kernel"]
-    if pol.smooth:
+  for p in quantized._layer_paths(quant):
+    q, spec = quantized._get(quant, p), spec_lib.resolve(p, table)
+    kernel = quantized._get(PARAMS, p)["kernel"]
+    if spec.smooth:
       q["smooth"] = rng.uniform(0.5, 2.0, kernel.shape[0]).astype(np.float32)
-    if pol.lora_rank:
+    if spec.lora_rank:
       q["lora_b"] = rng.normal(0, 0.05, q["lora_b"].shape).astype(np.float32)
-    if pol.mixed_bits:
+    if spec.weight.mixed:
       q["w_bits"] = rng.integers(1, 4, (1, kernel.shape[1])).astype(np.int32)
-    q["w_scale"], q["w_zero"] = map(np.asarray, calibrate.weight_ranges(
-        kernel, pol, q.get("smooth"), q["w_bits"] if pol.mixed_bits else None))
+    q["w_scale"], q["w_zero"] = map(np.asarray, weights.weight_ranges(
+        kernel, spec.weight, q.get("smooth"), q["w_bits"] if spec.weight.mixed else None))
     q["a_scale"] = rng.uniform(0.02, 0.1, 2).astype(np.float32)
-    q["a_zero"] = rng.integers(0, 2 ** pol.a_bits, 2).astype(np.float32)
+    q["a_zero"] = rng.integers(0, 2 ** spec.input.bits, 2).astype(np.float32)
   return table, quant
 
 
@@ -59,21 +61,21 @@ def shapes(tree):
 def test_integer_model_and_its_export_reproduce_the_fakequant_model_bit_for_bit(case, tmp_path):
   table, quant = quantized_model(case)
   x, t, y = batch()
-  fake = dit.DiT(config=CFG, policies=table).apply({"params": PARAMS, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(1))
-  int_model = dit.DiT(config=CFG, policies=export.intweight_table(table))
-  quant_int = export.integer_codes(PARAMS, quant, table)
+  fake = dit.DiT(config=CFG, specs=table).apply({"params": PARAMS, "quant": quant}, x, t, y, ctx=plan_lib.StepContext(1))
+  int_model = dit.DiT(config=CFG, specs=quantized.deployed_table(table))
+  quant_int = quantized.integer_codes(PARAMS, quant, table)
   template = int_model.init(jax.random.key(0), x[:1], t[:1], y[:1])
   assert shapes(quant_int) == shapes(template["quant"])  # exactly the variables the intweight Linear creates
   direct = int_model.apply({"params": PARAMS, "quant": quant_int}, x, t, y, ctx=plan_lib.StepContext(1))
   np.testing.assert_array_equal(np.asarray(direct), np.asarray(fake))
 
   path = str(tmp_path / "q.npz")
-  stats = export.export_quantized(path, CFG, PARAMS, quant, table)
-  cfg, variables, int_table = export.import_quantized(path)
-  assert cfg == CFG and int_table == export.intweight_table(table)
+  stats = quantized.export_quantized(path, CFG, PARAMS, quant, table)
+  cfg, variables, int_table = quantized.import_quantized(path)
+  assert cfg == CFG and int_table == quantized.deployed_table(table)
   assert shapes(variables) == shapes(template)  # no float kernel of a quantized layer is stored
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables["quant"]), jax.tree.leaves(quant_int)))
-  real = dit.DiT(config=cfg, policies=int_table).apply(variables, x, t, y, ctx=plan_lib.StepContext(1))
+  real = dit.DiT(config=cfg, specs=int_table).apply(variables, x, t, y, ctx=plan_lib.StepContext(1))
   np.testing.assert_array_equal(np.asarray(real), np.asarray(fake))
   flat = npz.flatten(npz.import_npz(path)[0])
   assert "params/blocks_0/mlp/fc1/kernel" not in flat and "params/x_embedder/kernel" not in flat
@@ -84,10 +86,10 @@ def test_integer_model_and_its_export_reproduce_the_fakequant_model_bit_for_bit(
 
 def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
   table, quant = quantized_model("mixed_w2_smooth")
-  stats = export.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
+  stats = quantized.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
   flat = npz.flatten(npz.import_npz(str(tmp_path / "q.npz"))[0])
   bits = quant["blocks_1"]["mlp"]["fc2"]["w_bits"].reshape(-1)
-  codes = np.asarray(export.integer_codes(PARAMS, quant, table)["blocks_1"]["mlp"]["fc2"]["w_codes"])
+  codes = np.asarray(quantized.integer_codes(PARAMS, quant, table)["blocks_1"]["mlp"]["fc2"]["w_codes"])
   row_bytes = [-(-codes.shape[0] * int(b) // 8) for b in bits]  # each output channel: ceil(bits * in / 8) bytes
   packed, offsets = flat["quant/blocks_1/mlp/fc2/w_packed"], np.cumsum([0] + row_bytes)
   assert packed.size == offsets[-1] and set(bits.tolist()) == {1, 2, 3}
@@ -95,9 +97,9 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
     np.testing.assert_array_equal(packed[offsets[c]:offsets[c + 1]], pack.pack(codes[:, c], int(b)))
   # Expected mean stored bits over every matmul kernel + embedding: x_embedder at 8, float label table at 32.
   total = bits_sum = 0
-  for p in export._layer_paths(quant):
-    k = export._get(PARAMS, p)["kernel"]
-    b = 8 if p == "x_embedder" else export._get(quant, p)["w_bits"].reshape(-1)
+  for p in quantized._layer_paths(quant):
+    k = quantized._get(PARAMS, p)["kernel"]
+    b = 8 if p == "x_embedder" else quantized._get(quant, p)["w_bits"].reshape(-1)
     bits_sum += np.sum(np.broadcast_to(b, (k.shape[1],))) * k.shape[0]
     total += k.size
   emb = PARAMS["y_embedder"]["embedding_table"]["embedding"].size
@@ -106,8 +108,8 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
 
 def test_reimported_model_draws_identical_samples(tmp_path):
   table, quant = quantized_model("lora_smooth_w2")
-  export.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
-  cfg, variables, int_table = export.import_quantized(str(tmp_path / "q.npz"))
+  quantized.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
+  cfg, variables, int_table = quantized.import_quantized(str(tmp_path / "q.npz"))
   plan = plan_lib.make_plan(1000, "ddim2")
   sample_cfg = types.SimpleNamespace(method="ddim", eta=0.0, cfg_scale=2.0, clip_x0=True)
   draw = lambda policies, v: sample.make_sample_fn(cfg, plan, sample_cfg, parallel.make_mesh(1), policies)(
@@ -121,24 +123,24 @@ def test_reimported_model_draws_identical_samples(tmp_path):
 
 def test_bad_inputs_are_refused(tmp_path):
   with pytest.raises(ValueError, match="lora_rank=0"):
-    layers.LayerPolicy(kind="intweight", lora_rank=4)
+    spec_lib.LayerSpec(weight=weights.Codes(2), lora_rank=4)
   npz.export_npz(str(tmp_path / "fp.npz"), PARAMS, metadata=dict(kind="dit_params"))
   with pytest.raises(ValueError, match="not a quantized DiT export"):
-    export.import_quantized(str(tmp_path / "fp.npz"))
+    quantized.import_quantized(str(tmp_path / "fp.npz"))
   table, quant = quantized_model("w2a4")
-  int_table = export.intweight_table(table)
-  assert all(pol.kind == "intweight" and pol.lora_rank == 0 for _, pol in int_table)
-  assert dataclasses.replace(int_table[1][1], kind="fakequant") == table[1][1]
-  with pytest.raises(ValueError, match="come from a fakequant model"):
-    export.integer_codes(PARAMS, quant, int_table)
+  int_table = quantized.deployed_table(table)
+  assert all(isinstance(s.weight, weights.Codes) and s.lora_rank == 0 and not s.train for _, s in int_table)
+  assert int_table[1][1].input == table[1][1].input and int_table[1][1].weight.bits == table[1][1].weight.bits
+  with pytest.raises(ValueError, match="come from a 'scalar'"):
+    quantized.integer_codes(PARAMS, quant, int_table)
   path = str(tmp_path / "q.npz")
-  export.export_quantized(path, CFG, PARAMS, quant, table)
+  quantized.export_quantized(path, CFG, PARAMS, quant, table)
   tree, manifest = npz.import_npz(path)
   tree["quant"]["blocks_0"]["mlp"]["fc1"]["w_packed"] = tree["quant"]["blocks_0"]["mlp"]["fc1"]["w_packed"][:-1]
   npz.export_npz(path, tree, manifest["metadata"])
   with pytest.raises(ValueError, match="quantized layer blocks_0/mlp/fc1 is malformed.*needs 1024 bytes"):
-    export.import_quantized(path)
+    quantized.import_quantized(path)
   del tree["quant"]["blocks_1"]
   npz.export_npz(path, tree, manifest["metadata"])
   with pytest.raises(ValueError, match="malformed quantized DiT export"):
-    export.import_quantized(path)
+    quantized.import_quantized(path)

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,13 +7,13 @@ import pytest
 
 from diffq import plan as plan_lib
 from diffq.models import dit, layers
+from diffq.seam import caches, inputs, rules, spec as spec_lib, weights
 from tests.test_quant_ops import np_fake_quant
 
 
 def test_fakequant_linear_matches_numpy():
-  pol = layers.LayerPolicy(kind="fakequant", w_bits=3, a_bits=4, a_steps=5, smooth=True, lora_rank=2,
-                           mixed_bits=True)
-  lin = layers.Linear(6, policy=pol)
+  pol = rules.scalar_spec(3, 4, 5, smooth=True, lora_rank=2, mixed=True)
+  lin = layers.Linear(6, spec=pol)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 3, 8)).astype(np.float32)
   v = lin.init(jax.random.key(0), x)
@@ -29,19 +31,50 @@ def test_fakequant_linear_matches_numpy():
   assert np.abs(np.asarray(lin.apply(v, x, plan_lib.StepContext(0))) - np.asarray(y)).max() > 0  # another step, other quantizer
 
 
-def test_policy_validation():
-  with pytest.raises(ValueError, match="w_bits must lie in 1..8"):
-    layers.LayerPolicy(kind="fakequant", w_bits=9)
-  with pytest.raises(ValueError, match="mixed_bits"):
-    layers.LayerPolicy(kind="fakequant", w_bits=8, mixed_bits=True)
-  with pytest.raises(ValueError, match="Unknown layer policy kind"):
-    layers.LayerPolicy(kind="int4")
+def test_spec_validation_names_the_problem():
+  with pytest.raises(ValueError, match="weight bits must lie in 1..8"):
+    rules.scalar_spec(9)
+  with pytest.raises(ValueError, match="mixed"):
+    rules.scalar_spec(8, mixed=True)
+  with pytest.raises(ValueError, match="cannot carry LoRA"):
+    spec_lib.LayerSpec(weight=weights.Codes(4), lora_rank=2)
+  with pytest.raises(ValueError, match="Unknown weight part type 'int4'"):
+    spec_lib.from_dict(dict(weight={"type": "int4"}, input={"type": "float"}, cache={"type": "none"}))
+  with pytest.raises(ValueError, match="declared but not built yet"):
+    spec_lib.from_dict(dict(weight={"type": "float"}, input={"type": "modulated"}, cache={"type": "none"}))
+  with pytest.raises(ValueError, match="splits=3 does not divide"):
+    layers.Linear(8, spec=spec_lib.LayerSpec(cache=caches.ICC(2, splits=3))).init(jax.random.key(0),
+                                                                                   jnp.zeros((1, 4)))
 
 
-def test_dit_with_policy_table_creates_quant_collection():
+def test_spec_dict_form_round_trips_and_wave1_policies_convert():
+  spec = rules.scalar_spec(3, 4, 5, smooth=True, lora_rank=2, mixed=True, grad="lsq").replace(
+      cache=caches.ICC(8, 3, "ca"))
+  assert spec_lib.from_dict(json.loads(json.dumps(spec_lib.to_dict(spec)))) == spec
+  legacy = dict(kind="intweight", w_bits=2, a_bits=4, w_symmetric=False, w_group_size=0, a_steps=20,
+                mixed_bits=True, smooth=True, lora_rank=0, grad="ste")
+  assert spec_lib.from_legacy_policy(legacy) == rules.scalar_spec(2, 4, 20, mixed=True, smooth=True).deployed()
+  assert spec_lib.from_legacy_policy(dict(legacy, kind="fakequant", lora_rank=32)).trainable() == {
+      "w_scale": "weight_quant", "w_zero": "weight_quant", "a_scale": "act_quant", "a_zero": "act_quant",
+      "lora_a": "lora", "lora_b": "lora"}
+  assert spec_lib.from_legacy_policy(dict(legacy, a_bits=0)).input == inputs.Float()
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_dynamic_input_matches_numpy_min_max(granularity):
+  x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
+  y = inputs.Dynamic(4, granularity)(jnp.asarray(x), {}, plan_lib.StepContext())
+  axes = (0, 1, 2) if granularity == "tensor" else (2,)
+  lo = np.minimum(x.min(axes, keepdims=True), 0)
+  hi = np.maximum(x.max(axes, keepdims=True), 0)
+  s = np.maximum((hi - lo) / 15, 1e-8)
+  np.testing.assert_allclose(y, np_fake_quant(x, s, np.round(-lo / s), 4), rtol=1e-5, atol=1e-6)
+
+
+def test_dit_with_spec_table_creates_quant_collection():
   cfg = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
-  pol = layers.LayerPolicy(kind="fakequant", w_bits=2, a_bits=4, a_steps=20)
-  model = dit.DiT(config=cfg, policies=(("blocks_*", pol),))
+  pol = rules.scalar_spec(2, 4, 20)
+  model = dit.DiT(config=cfg, specs=(("blocks_*", pol),))
   v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)), jnp.zeros(1, int), jnp.zeros(1, int))
   assert set(v["quant"]) == {"blocks_0", "blocks_1"}
   assert v["quant"]["blocks_0"]["attn"]["qkv"]["a_scale"].shape == (20,)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import dit_w2a4
 from diffq import parallel, plan as plan_lib
-from diffq.io import npz
+from diffq.io import npz, quantized
 from diffq.jobs import quantize, sample
 
 
@@ -52,8 +52,7 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
   assert out["distill_seconds"] == 0.0 and not (tmp_path / "distill").exists()
   with np.load(tmp_path / "samples.npz") as f:
     shipped = f["arr_0"]
-  from diffq.quant import export
-  model_cfg, variables, table = export.import_quantized(str(tmp_path / "quantized.npz"))
+  model_cfg, variables, table = quantized.import_quantized(str(tmp_path / "quantized.npz"))
   s = job_cfg(tiny_export).sample
   again, _ = sample.generate(s, plan_lib.make_plan(s.diffusion_steps, s.spacing), model_cfg, variables,
                              parallel.make_mesh(1), table)
@@ -84,15 +83,16 @@ def test_a_keep_8bit_pattern_that_matches_nothing_is_refused(tiny_export, tmp_pa
 
 @pytest.mark.parametrize("method", sorted(dit_w2a4.METHODS))
 @pytest.mark.parametrize("w,a", [(2, 4), (3, 4), (4, 4), (4, 8), (8, 8)])
-def test_every_grid_config_builds_a_policy_table_or_a_clear_error(method, w, a):
-  from diffq.quant import policy
+def test_every_grid_config_builds_a_spec_table_or_a_clear_error(method, w, a):
+  from diffq.seam import rules
   c = dit_w2a4.get_config(f"w={w},a={a},method={method}")
   if w == 8 and c.quant.omq:
-    with pytest.raises(ValueError, match="w_bits must be 2..7"):
-      policy.policy_table(c.quant, 20)
+    with pytest.raises(ValueError, match="bits must be 2..7"):
+      rules.quant_table(c.quant, 20)
     return
-  body = dict(policy.policy_table(c.quant, 20))["*"]
-  assert (body.w_bits, body.a_bits, body.mixed_bits, body.lora_rank > 0) == (w, a, c.quant.omq, method != "uniform")
+  body = dict(rules.quant_table(c.quant, 20))["*"]
+  assert (body.weight.bits, body.input.bits, body.weight.mixed, body.lora_rank > 0, body.train) == (
+      w, a, c.quant.omq, method != "uniform", method != "uniform")
   assert (c.distill.trd_weight > 0) == (method in ("trd", "mpqdm"))
 
 

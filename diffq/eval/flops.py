@@ -2,13 +2,20 @@
 
 MACs count multiply-accumulates of matmuls only (every seam Linear plus the two attention products per block);
 norms, activations and softmax are ignored, as in the DiT paper's Gflops. BitOPs = MACs x w_bits x a_bits.
+
+Each step of a plan is counted by its kind under the layers' specs: on a step whose kind reads caches, an ICC
+layer costs its low-rank increment, tokens x rank x (splits x in + out); a rank-0 (reuse) layer costs nothing,
+and neither does the work only it consumed (a reused attn/proj makes its block's qkv and attention products
+dead, a reused mlp/fc2 its fc1; the compiled sampler drops them too).
 """
 from __future__ import annotations
 
 from diffq.models.dit import DiTConfig
-from diffq.plan import StepPlan
+from diffq.plan import FULL, StepKind, StepPlan
+from diffq.seam import caches, spec as spec_lib
 
 ATTENTION_PRODUCTS = ("attn/qk", "attn/av")
+FEEDS = {"attn/proj": ("attn/qkv", "attn/qk", "attn/av"), "mlp/fc2": ("mlp/fc1",)}  # inputs only they consume
 
 
 def dit_layer_macs(cfg: DiTConfig) -> dict[str, int]:
@@ -25,18 +32,42 @@ def dit_layer_macs(cfg: DiTConfig) -> dict[str, int]:
   return macs
 
 
-def macs_per_call(cfg: DiTConfig) -> int:
-  return sum(dit_layer_macs(cfg).values())
+def step_layer_macs(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecTable = ()) -> dict[str, int]:
+  """`dit_layer_macs` of one network call of step kind `kind` under the spec table `table`."""
+  macs = dit_layer_macs(cfg)
+  if kind.cache != "read":
+    return macs
+  out = dict(macs)
+  for path in macs:
+    part = spec_lib.resolve(path, table).cache
+    if isinstance(part, caches.ICC):
+      n_in, n_out = _layer_shape(cfg, path)
+      out[path] = cfg.num_tokens * part.rank * (part.splits * n_in + n_out)
+      if not part.rank:
+        block, name = path.rsplit("/", 2)[0], "/".join(path.rsplit("/", 2)[1:])
+        out.update({f"{block}/{dead}": 0 for dead in FEEDS.get(name, ())})
+  return out
 
 
-def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0) -> int:
-  """Network MACs to draw one image under `plan`, each step counted by its kind; guidance (scale != 1) doubles
-  the batch. Only 'refresh' kinds (full network calls) have a cost model yet: a cached kind's cost depends on
-  the layer parts it runs, which the caching methods define."""
-  cached = sorted({k.name for k in plan.step_kinds if k.cache != "refresh"})
-  if cached:
-    raise ValueError(f"No MACs model for the cached step kinds {cached} yet.")
-  return macs_per_call(cfg) * len(plan.steps) * (2 if cfg_scale != 1.0 else 1)
+def _layer_shape(cfg: DiTConfig, path: str) -> tuple[int, int]:
+  d, h = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+  shapes = {"attn/qkv": (d, 3 * d), "attn/proj": (d, d), "mlp/fc1": (d, h), "mlp/fc2": (h, d)}
+  name = "/".join(path.rsplit("/", 2)[1:])
+  if name not in shapes:
+    raise ValueError(f"No cached-step cost model for layer {path}: ICC caches the block linears "
+                     f"{sorted(shapes)}.")
+  return shapes[name]
+
+
+def macs_per_call(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecTable = ()) -> int:
+  return sum(step_layer_macs(cfg, kind, table).values())
+
+
+def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0, table: spec_lib.SpecTable = ()) -> int:
+  """Network MACs to draw one image under `plan`, each step counted by its kind under `table`; guidance
+  (scale != 1) doubles the batch."""
+  per_kind = {k: macs_per_call(cfg, k, table) for k in set(plan.step_kinds)}
+  return sum(per_kind[k] for k in plan.step_kinds) * (2 if cfg_scale != 1.0 else 1)
 
 
 def bitops_per_call(cfg: DiTConfig, w_bits: dict[str, float] | None = None, a_bits: dict[str, float] | None = None,

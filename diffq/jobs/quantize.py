@@ -19,10 +19,10 @@ import numpy as np
 from absl import logging
 
 from diffq import calibrate, distill, parallel, plan as plan_lib
-from diffq.io import npz
+from diffq.io import npz, quantized
 from diffq.jobs import common, loop, sample, stages
-from diffq.models import dit, layers
-from diffq.quant import export, policy
+from diffq.models import dit
+from diffq.seam import rules, spec as spec_lib
 
 DISTILL_FIX = ("lower the distillation learning rates (--config.distill.a_quant_lr, --config.distill.w_quant_lr; "
                "a larger --config.distill.lora_lr_divisor lowers LoRA's)")
@@ -67,17 +67,19 @@ def check_cached_stages(workdir: str, expected: dict[str, dict | None]) -> None:
     stages.check_reuse(stage, stored_settings(workdir, stage), expected[stage], later)
 
 
-def calibration_set(config, model_cfg, params, plan, mesh) -> calibrate.CalibrationSet:
-  """FP DDIM trajectory of `calib.num_images` class-balanced images under the evaluation sampler settings."""
+def calibration_set(config, model_cfg, variables, plan, mesh, table=()) -> calibrate.CalibrationSet:
+  """The DDIM trajectory (every step full) of `calib.num_images` class-balanced images, drawn by the model
+  `variables` runs under `table` (the FP model: `{"params": params}`, table ()) with the evaluation sampler."""
   s = config.sample
   n = config.calib.num_images
   labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_cfg.num_classes, parallel.batch_sharded(mesh))
-  fn = dit.model_fn(dit.DiT(config=model_cfg))
+  fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table)))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
-  traj = jax.jit(lambda p, lab: calibrate.fp_trajectory(fn, p, jax.random.key(config.calib.seed), lab, plan, shape,
+  full = plan_lib.StepPlan(plan.schedule, plan.steps, ("full",) * len(plan.steps))
+  traj = jax.jit(lambda v, lab: calibrate.fp_trajectory(fn, v, jax.random.key(config.calib.seed), lab, full, shape,
                                                          s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0))
-  return calibrate.CalibrationSet(traj(jax.device_put({"params": params}, parallel.replicated(mesh)), labels),
-                                  labels, plan, s.cfg_scale, model_cfg.num_classes)
+  return calibrate.CalibrationSet(traj(jax.device_put(variables, parallel.replicated(mesh)), labels),
+                                  labels, full, s.cfg_scale, model_cfg.num_classes)
 
 
 def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, settings) -> tuple[dict, dict]:
@@ -88,9 +90,11 @@ def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, sett
     logging.info("Reusing the calibration in %s.", path)
     return quant, manifest["metadata"]
   t0 = time.time()
-  cal = calibration_set(config, model_cfg, params, plan, mesh)
-  quant, report = calibrate.calibrate(model_cfg, params, cal, table, tuple(config.quant.omq_fractions),
-                                      config.calib.omq_images_per_step, config.calib.act_sample_size)
+  cal = calibration_set(config, model_cfg, {"params": params}, plan, mesh)
+  quant, report = calibrate.calibrate(model_cfg, {"params": params}, cal, table,
+                                      omq_fractions=tuple(config.quant.omq_fractions),
+                                      omq_images_per_step=config.calib.omq_images_per_step,
+                                      act_sample_size=config.calib.act_sample_size)
   info = dict(kind="calibrated_quant", seconds=time.time() - t0, settings=stages.canonical(settings),
               omq_k={p: r["omq_k"] for p, r in report.items()},
               omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in report.values()]))
@@ -101,8 +105,8 @@ def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, sett
 
 
 def distill_config(config) -> distill.DistillConfig:
-  """The loop's static settings: every field of DistillConfig, read from config.distill."""
-  return distill.DistillConfig(**{f.name: config.distill[f.name] for f in dataclasses.fields(distill.DistillConfig)})
+  """The loop's static settings: config.distill without the outer loop's keys."""
+  return distill.DistillConfig.from_config(config.distill, ignore=loop.LOOP_KEYS)
 
 
 def distilled_quant(config, distiller, params, quant, mesh, workdir, settings) -> tuple[dict, dict]:
@@ -148,14 +152,16 @@ def exported(config, model_cfg, params, quantize_fn, table, workdir, settings) -
   quant, metrics = quantize_fn()
   metadata = dict(method=config.method, w_bits=config.quant.w_bits, a_bits=config.quant.a_bits,
                   settings=stages.canonical(settings))
-  stats = export.export_quantized(path, model_cfg, params, quant, table, metadata,
-                                  extra_stats=metrics)
+  stats = quantized.export_quantized(path, model_cfg, params, quant, table, metadata, extra_stats=metrics)
   return path, stats
 
 
 def check_settings(config, mesh) -> plan_lib.StepPlan:
   """Every setting of the job, validated before any work starts; returns the step plan."""
   plan = sample.check_settings(config.sample, mesh, "--config.sample.")
+  if config.sample.cache_pattern:
+    raise ValueError("The quantize job calibrates and samples every step in full; set --config.sample."
+                     "cache_pattern='' (cache a quantized export with configs/dit_icc.py).")
   c = config.calib
   if c.num_images < 1 or not 1 <= c.omq_images_per_step <= c.num_images or c.act_sample_size < 0:
     raise ValueError(f"calib needs num_images >= 1, 1 <= omq_images_per_step <= num_images and act_sample_size "
@@ -173,10 +179,9 @@ def check_settings(config, mesh) -> plan_lib.StepPlan:
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   plan = check_settings(config, mesh)
-  table = policy.policy_table(config.quant, len(plan.steps))
+  table = rules.quant_table(config.quant, len(plan.steps))
   model_cfg, params = sample.load_dit(config.params)
-  layer_paths = sorted({k.rsplit("/", 1)[0] for k in npz.flatten(calibrate.quant_template(model_cfg, table))})
-  layers.check_policy_table(table, layer_paths)  # a mistyped keep_8bit pattern would silently match nothing
+  spec_lib.check_table(table, dit.layer_paths(model_cfg))  # a mistyped keep_8bit pattern would match nothing
   s = config.sample
   distiller = None
   if config.distill.trajectories:
@@ -189,7 +194,8 @@ def run(config, workdir: str) -> dict:
   calib_settings = dict(
       params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
       quant=without(config.quant.to_dict(), ("grad",) + omq_keys),
-      policies={p: without(dataclasses.asdict(pol), ("grad",)) for p, pol in table},
+      specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()}]
+             for pat, d in spec_lib.table_to_list(table)],
       calib=without(config.calib.to_dict(), omq_keys),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
                    clip_x0=s.clip_x0))
@@ -211,7 +217,7 @@ def run(config, workdir: str) -> dict:
 
   path, job_metrics = exported(config, model_cfg, params, quantize, table, workdir, export_settings)
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
-  model_cfg, variables, int_table = export.import_quantized(path)
+  model_cfg, variables, int_table = quantized.import_quantized(path)
   result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table))
   common.write_metrics(workdir, result)
   return result

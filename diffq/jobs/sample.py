@@ -10,10 +10,10 @@ from absl import logging
 
 from diffq import data, parallel, plan as plan_lib, sampler, viz
 from diffq.eval import flops
-from diffq.io import npz
+from diffq.io import npz, quantized
 from diffq.jobs import common
 from diffq.models import dit
-from diffq.quant import export
+from diffq.seam import caches, spec as spec_lib
 
 
 def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
@@ -25,7 +25,7 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
   meta = manifest["metadata"]
   if meta.get("kind") != "dit_params" or "model" not in meta:
     hint = (" It is a quantized export: the sample job takes it as --config.params; quantizing needs the FP "
-            "export it came from." if meta.get("kind") == export.KIND else "")
+            "export it came from." if meta.get("kind") == quantized.KIND else "")
     raise ValueError(f"{path} is not a DiT parameter export (manifest metadata kind={meta.get('kind')!r}); "
                      "export one with diffq.io.npz.export_npz(..., metadata=dict(kind='dit_params', model=...))."
                      + hint)
@@ -35,13 +35,13 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
 
 
 def load_model(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
-  """(DiTConfig, variables, policy table) of an FP export / training workdir (table ()) or of a quantized export
-  (`quantize` job's quantized.npz: its intweight table): anything the sampler can run."""
+  """(DiTConfig, variables, spec table) of an FP export / training workdir (table ()) or of a quantized export
+  (`quantize` job's quantized.npz: its deployed table): anything the sampler can run."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"No model at {path}: set --config.params to a diffq export (.npz with its .json "
                             "manifest), a quantized export or a training workdir.")
-  if not os.path.isdir(path) and npz.load_manifest(path)["metadata"].get("kind") == export.KIND:
-    return export.import_quantized(path)
+  if not os.path.isdir(path) and npz.load_manifest(path)["metadata"].get("kind") == quantized.KIND:
+    return quantized.import_quantized(path)
   model_cfg, params = load_dit(path)
   return model_cfg, {"params": params}, ()
 
@@ -87,10 +87,10 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
   return model_cfg, params, int(state["step"])
 
 
-def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, mesh, policies=()):
-  """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for policies). The model's
-  state (if its parts keep any) is allocated per batch and rides in the sampler's carry."""
-  model = dit.DiT(config=model_cfg, policies=tuple(policies))
+def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, mesh, specs=()):
+  """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for `specs`' parts). The
+  model's state (if its parts keep any) is allocated per batch and rides in the sampler's carry."""
+  model = dit.DiT(config=model_cfg, specs=tuple(specs))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
   def fn(variables, key, labels, ids):
@@ -121,21 +121,32 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
   parallel.check_batch_divisible(config.batch_size, mesh)
-  plan = plan_lib.make_plan(config.diffusion_steps, config.spacing)
+  plan = plan_lib.make_plan(config.diffusion_steps, config.spacing, pattern=config.cache_pattern)
   if config.evaluate:
     from diffq.jobs import evaluate
     evaluate.check_settings(config.eval, f"{prefix}eval.data_dir")
   return plan
 
 
-def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, policies=()) -> tuple[np.ndarray,
-                                                                                              np.ndarray]:
+def check_plan_caches(plan: plan_lib.StepPlan, model_cfg: dit.DiTConfig, specs) -> None:
+  """A plan with cached steps needs layers with a cache part: otherwise its cached steps would silently run in
+  full."""
+  cached = sorted({k.name for k in plan.step_kinds if k.cache == "read"})
+  if cached and not any(not isinstance(spec_lib.resolve(p, specs).cache, caches.NoCache)
+                        for p in dit.layer_paths(model_cfg)):
+    raise ValueError(f"The plan has cached steps ({cached}, cache_pattern) but no layer of the model has a cache "
+                     "part, so they would run in full: sample with configs/dit_icc.py, or set cache_pattern=''.")
+
+
+def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=()) -> tuple[np.ndarray,
+                                                                                           np.ndarray]:
   """(uint8 samples (N, H, W, C), labels (N,)) drawn under `plan`; sample i has label i % num_classes and its
-  own noise key. `variables` is {"params": ...} for the FP model, plus "quant" for a model under `policies`."""
+  own noise key. `variables` is {"params": ...} for the FP model, plus "quant" for a model under `specs`."""
   if config.num_samples <= 0:
     raise ValueError(f"num_samples must be positive; got {config.num_samples}.")
+  check_plan_caches(plan, model_cfg, specs)
   parallel.check_batch_divisible(config.batch_size, mesh)
-  fn = make_sample_fn(model_cfg, plan, config, mesh, policies)
+  fn = make_sample_fn(model_cfg, plan, config, mesh, specs)
   variables = jax.device_put(variables, parallel.replicated(mesh))
   key = jax.random.key(config.seed)
   ids = np.arange(config.num_samples)
@@ -167,19 +178,19 @@ def save_samples(path: str, images_u8: np.ndarray, labels: np.ndarray) -> None:
 
 
 def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, workdir: str, mesh,
-                     policies=()) -> dict:
+                     specs=()) -> dict:
   """Draws config.num_samples under `plan`, writes samples.npz + grid.png, and returns sampling (+ evaluation)
   metrics."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  images, labels = generate(config, plan, model_cfg, variables, mesh, policies)
+  images, labels = generate(config, plan, model_cfg, variables, mesh, specs)
   seconds = time.time() - t0
   save_samples(os.path.join(workdir, "samples.npz"), images, labels)
   viz.save_png(os.path.join(workdir, "grid.png"),
                viz.class_grid(images, labels, model_cfg.num_classes, config.grid_per_class))
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
-                gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale) / 1e9,
+                gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale, specs) / 1e9,
                 params=sum(int(np.prod(x.shape)) for x in  # the model's weights, whatever the export stores
                            jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
   if config.evaluate:

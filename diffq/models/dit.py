@@ -7,8 +7,8 @@ adaLN-Zero blocks (6 modulation vectors), fused-qkv attention, 4x GELU(tanh)
 MLP, adaLN final layer, learned sigma (2C outputs).
 
 Every matmul (including the patch embedding, written as the equivalent matmul
-over flattened (p, q, c) patches) is a `layers.Linear`, whose behaviour comes
-from the static policy table resolved against the layer path.
+over flattened (p, q, c) patches) is a `layers.Linear`, whose parts come from
+the static spec table (diffq/seam/spec.py) resolved against the layer path.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import dataclasses
 from typing import Callable
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ import numpy as np
 
 from diffq import plan
 from diffq.models import layers
+from diffq.seam import caches, spec as spec_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +104,16 @@ def _modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
-class _PolicyScope(nn.Module):
-  """Base for modules that create seam layers: `self.linear(name, ...)` resolves the policy by path."""
-  policies: layers.PolicyTable = ()
+class _SpecScope(nn.Module):
+  """Base for modules that create seam layers: `self.linear(name, ...)` resolves the layer's spec by path."""
+  specs: spec_lib.SpecTable = ()
 
   def linear(self, name: str, features: int, **kw) -> layers.Linear:
     path = "/".join((*self.scope.path, name))
-    return layers.Linear(features, policy=layers.resolve_policy(path, self.policies), name=name, **kw)
+    return layers.Linear(features, spec=spec_lib.resolve(path, self.specs), name=name, **kw)
 
 
-class Attention(_PolicyScope):
+class Attention(_SpecScope):
   num_heads: int = 1
 
   @nn.compact
@@ -126,7 +128,7 @@ class Attention(_PolicyScope):
     return self.linear("proj", d)(out, ctx)
 
 
-class DiTBlock(_PolicyScope):
+class DiTBlock(_SpecScope):
   num_heads: int = 1
   mlp_ratio: float = 4.0
   mlp_norm_eps: float = 1e-6
@@ -138,14 +140,14 @@ class DiTBlock(_PolicyScope):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     norm1 = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")
     norm2 = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")
-    x = x + gate_msa[:, None] * Attention(num_heads=self.num_heads, policies=self.policies, name="attn")(
+    x = x + gate_msa[:, None] * Attention(num_heads=self.num_heads, specs=self.specs, name="attn")(
         _modulate(norm1(x), shift_msa, scale_msa), ctx)
     h = _modulate(norm2(x), shift_mlp, scale_mlp)
-    h = MLP(hidden=int(d * self.mlp_ratio), policies=self.policies, name="mlp")(h, ctx)
+    h = MLP(hidden=int(d * self.mlp_ratio), specs=self.specs, name="mlp")(h, ctx)
     return x + gate_mlp[:, None] * h
 
 
-class MLP(_PolicyScope):
+class MLP(_SpecScope):
   hidden: int = 0
 
   @nn.compact
@@ -155,7 +157,7 @@ class MLP(_PolicyScope):
     return self.linear("fc2", d)(x, ctx)
 
 
-class TimestepEmbedder(_PolicyScope):
+class TimestepEmbedder(_SpecScope):
   hidden_size: int = 0
   freq_dim: int = 256
   freq_shift: int = 0
@@ -184,7 +186,7 @@ class LabelEmbedder(nn.Module):
     return table(y)
 
 
-class FinalLayer(_PolicyScope):
+class FinalLayer(_SpecScope):
   out_features: int = 0
 
   @nn.compact
@@ -196,10 +198,10 @@ class FinalLayer(_PolicyScope):
     return self.linear("linear", self.out_features, kernel_init=nn.initializers.zeros)(x, ctx)
 
 
-class DiT(_PolicyScope):
+class DiT(_SpecScope):
   """x (N, H, W, C) float, t (N,) original timestep indices, y (N,) int labels -> (N, H, W, out_channels).
 
-  `ctx` is the sampling step's `plan.StepContext` (default: step 0, a full step); layers whose policy keeps
+  `ctx` is the sampling step's `plan.StepContext` (default: step 0, a full step); layers whose parts keep
   per-step state (activation quantizers calibrated per step, caches) select it by `ctx.index`, never by a counter.
   """
   config: DiTConfig = DiTConfig()
@@ -214,19 +216,19 @@ class DiT(_PolicyScope):
     p, d = cfg.patch_size, cfg.hidden_size
     tokens = self.linear("x_embedder", d)(patchify(x, p), ctx)
     tokens = tokens + jnp.asarray(sincos_pos_embed_2d(d, cfg.grid_size))[None]
-    c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, policies=self.policies,
+    c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, specs=self.specs,
                          name="t_embedder")(t, ctx)
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
     for i in range(cfg.depth):
       tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
-                        policies=self.policies,
+                        specs=self.specs,
                         name=f"blocks_{i}")(tokens, c, ctx)
-    out = FinalLayer(out_features=p * p * cfg.out_channels, policies=self.policies, name="final_layer")(tokens, c,
+    out = FinalLayer(out_features=p * p * cfg.out_channels, specs=self.specs, name="final_layer")(tokens, c,
                                                                                                      ctx)
     return unpatchify(out, p, cfg.out_channels)
 
 
-STATE_COLLECTIONS = ("cache",)  # variable collections a DiT carries from one sampling step to the next
+STATE_COLLECTIONS = (caches.STATE,)  # variable collections a DiT carries from one sampling step to the next
 
 
 def model_fn(model: DiT) -> Callable:
@@ -259,12 +261,20 @@ def init_params(config: DiTConfig, rng: jax.Array) -> dict:
   return DiT(config=config).init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
 
 
-def variable_shapes(config: DiTConfig, policies: layers.PolicyTable = ()) -> dict:
-  """{collection: tree of jax.ShapeDtypeStruct} of a DiT under `policies`, without allocating anything."""
+def variable_shapes(config: DiTConfig, specs: spec_lib.SpecTable = ()) -> dict:
+  """{collection: tree of jax.ShapeDtypeStruct} of a DiT under `specs` (sampler state collections excluded),
+  without allocating anything."""
   x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
-  model = DiT(config=config, policies=tuple(policies))
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32),
-                                           jnp.zeros((1,), jnp.int32)))
+  model = DiT(config=config, specs=tuple(specs))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32),
+                                             jnp.zeros((1,), jnp.int32)))
+  return {k: v for k, v in shapes.items() if k not in STATE_COLLECTIONS}
+
+
+def layer_paths(config: DiTConfig) -> list[str]:
+  """Paths of every seam Linear of the DiT (e.g. 'blocks_0/attn/qkv'), the names spec rules match."""
+  flat = flax.traverse_util.flatten_dict(variable_shapes(config)["params"])
+  return sorted({"/".join(k[:-1]) for k in flat if k[-1] == "kernel"})
 
 
 PRESETS = {

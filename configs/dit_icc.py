@@ -1,0 +1,35 @@
+"""ICC: increment-calibrated caching of the DiT's block linears (Chen et al., CVPR 2025), sampled and scored.
+
+  python main.py --config=configs/dit_icc.py --workdir=runs/icc                  # period 2, rank 16, CA-SVD
+  python main.py --config=configs/dit_icc.py:period=3,rank=32,svd=plain --workdir=runs/icc_p3_r32
+  python main.py --config=configs/dit_icc.py:rank=0 --workdir=runs/reuse_p2      # naive caching (FORA-style)
+  python main.py --config=configs/dit_icc.py:quick --workdir=/tmp/icc_quick       # smoke run
+  python main.py --config=configs/dit_icc.py --config.params=runs/w2a4/quantized.npz --workdir=...  # on W2A4
+
+Step i of the plan is full when i % period == 0 (every layer runs and refreshes its cache) and cached otherwise:
+qkv (q, k, v factorised apart), proj, fc1 and fc2 of every block return y_c + ((x - x_c) B) A, everything else
+(embedders, adaLN, attention, GELU, final layer) is recomputed. `icc.ranks.<type>` sets one layer type's rank;
+`sample.cache_pattern` takes any static F/C pattern instead of the period.
+"""
+from configs import sample as sample_config
+from diffq import configlib
+
+
+def get_config(arg=None):
+  arg = configlib.parse_arg(arg, period=2, rank=16, svd="ca", quick=False)
+  c = configlib.ml_collections.ConfigDict()
+  c.job = "icc"
+  c.params = "diffq/assets/dit_fm_ema.npz"  # the FP export, or a quantize job's quantized.npz
+  c.num_devices = 0
+  c.distributed = False
+  c.icc = dict(ranks=dict(qkv=arg.rank, proj=arg.rank, fc1=arg.rank, fc2=arg.rank),  # per layer type; 0 = reuse
+               svd=arg.svd)                   # plain | ca (channel magnitudes) | cd (their step increments)
+  # Channel statistics for CA/CD-SVD: the model's own DDIM trajectory (full steps, evaluation sampler, other seed).
+  c.calib = dict(num_images=8, seed=1000)
+  c.sample = sample_config.get_config("quick" if arg.quick else None)
+  for k in ("job", "params", "num_devices", "distributed"):
+    del c.sample[k]
+  c.sample.cache_pattern = f"period:{arg.period}"
+  if arg.quick:
+    c.calib.num_images = 4
+  return c

@@ -1,0 +1,73 @@
+"""ICC job: add increment-calibrated caches to a model's block linears, sample under a full/cached plan, score.
+
+The model is the FP export or a quantize job's export (its weight and input parts stay as exported; ICC factors
+the matmul weight the layer actually runs). Channel statistics for CA/CD-SVD come from one statistics pass over
+the model's own full-step trajectory. metrics.json adds `gmacs_per_image` (every step by its kind, low-rank
+terms included), the ICC settings, `icc_params` (factor entries), `cache_bytes_per_image` (the sampler state,
+guidance rows included) and `calib_seconds`.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from diffq import calibrate, parallel
+from diffq.io import npz
+from diffq.jobs import common, quantize, sample
+from diffq.models import dit
+from diffq.seam import rules, spec as spec_lib
+
+
+def check_settings(config, mesh):
+  """Validates the job's settings before any work; returns (plan, ICC rules)."""
+  plan = sample.check_settings(config.sample, mesh, "--config.sample.")
+  if not any(k.cache == "read" for k in plan.step_kinds):
+    raise ValueError(f"The plan has no cached step (sample.cache_pattern={config.sample.cache_pattern!r}); use "
+                     "'period:p' with p >= 2 or a pattern with C steps (the FP model samples with configs/sample.py).")
+  if any(not isinstance(r, int) or r < 0 for r in config.icc.ranks.values()):
+    raise ValueError(f"icc.ranks must be integers >= 0 (0 = naive reuse); got {dict(config.icc.ranks)}.")
+  icc_rules = rules.icc_rules(config.icc)
+  if config.calib.num_images < 1:
+    raise ValueError(f"calib.num_images must be >= 1; got {config.calib.num_images}.")
+  parallel.check_batch_divisible(config.calib.num_images, mesh)
+  return plan, icc_rules
+
+
+def cache_bytes_per_image(model_cfg, variables, table, cfg_scale: float) -> int:
+  """Bytes of the sampler state (x_c, y_c of every cached layer) one image carries."""
+  model = dit.DiT(config=model_cfg, specs=tuple(table))
+  rows = 2 if cfg_scale != 1.0 else 1
+  state = jax.eval_shape(lambda v: dit.init_state(model, v, rows), variables)
+  return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(state)))
+
+
+def run(config, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  plan, icc_rules = check_settings(config, mesh)
+  model_cfg, variables, base_table = sample.load_model(config.params)
+  if base_table:
+    sample.check_plan_matches_export(config.sample, config.params)
+  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), icc_rules, "cache")
+  t0 = time.time()
+  cal = None
+  if any(s.cache.stats for _, s in table):
+    cal = quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table)
+  quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
+  calib_seconds = time.time() - t0
+  variables = {**variables, "quant": jax.device_get(quant)}
+  icc_params = sum(int(np.size(v)) for k, v in npz.flatten(variables["quant"]).items()
+                   if k.endswith(("icc_a", "icc_b")))
+  logging.info("ICC factors ready in %.1f s (%d entries); sampling with pattern %s.", calib_seconds, icc_params,
+               "".join("C" if k.cache == "read" else "F" for k in plan.step_kinds))
+  result = dict(icc_svd=config.icc.svd, cache_pattern=config.sample.cache_pattern,
+                **{f"icc_rank_{k}": v for k, v in config.icc.ranks.items()}, icc_params=icc_params,
+                cached_steps=sum(k.cache == "read" for k in plan.step_kinds), calib_seconds=calib_seconds,
+                cache_bytes_per_image=cache_bytes_per_image(model_cfg, variables, table, config.sample.cfg_scale),
+                model=os.path.basename(config.params))
+  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, table))
+  common.write_metrics(workdir, result)
+  return result

@@ -1,0 +1,42 @@
+"""Config blocks -> spec tables: which layer gets which parts.
+
+`quant_table(config.quant, steps)`: MPQ-DM's layout. Layers matching `keep_8bit` get W8A8 per-channel weights
+and per-step inputs, no smoothing/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
+W`w_bits`A`a_bits` with the configured options, and trains in distillation when it carries LoRA.
+`icc_rules(config.icc)`: the ICC cache part on the block linears, one rank per layer type.
+"""
+from __future__ import annotations
+
+from diffq.seam import caches, inputs, spec as spec_lib, weights
+
+ICC_LAYERS = {"qkv": ("blocks_*/attn/qkv", 3), "proj": ("blocks_*/attn/proj", 1), "fc1": ("blocks_*/mlp/fc1", 1),
+              "fc2": ("blocks_*/mlp/fc2", 1)}  # layer type -> (glob, output splits: q, k, v factorised apart)
+
+
+def scalar_spec(w_bits: int, a_bits: int = 0, steps: int = 1, *, symmetric: bool = False, group_size: int = 0,
+                mixed: bool = False, smooth: bool = False, lora_rank: int = 0, grad: str = "ste"):
+  """A fake-quant layer: W`w_bits` scalar weights, A`a_bits` static per-step inputs (0 = float), trained in
+  distillation when it carries LoRA."""
+  act = inputs.Static(a_bits, steps, grad) if a_bits else inputs.Float()
+  return spec_lib.LayerSpec(weight=weights.Scalar(w_bits, symmetric, group_size, mixed, grad=grad), input=act,
+                            lora_rank=lora_rank, smooth=smooth, train=lora_rank > 0)
+
+
+def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+  if qcfg.omq and qcfg.w_group_size:
+    raise ValueError("quant.omq assigns bits per output channel and cannot be combined with quant.w_group_size; "
+                     "set one of them to its default (omq=False or w_group_size=0).")
+  boundary = scalar_spec(8, 8, num_steps, grad=qcfg.grad)
+  body = scalar_spec(qcfg.w_bits, qcfg.a_bits, num_steps, symmetric=qcfg.w_symmetric, group_size=qcfg.w_group_size,
+                     mixed=qcfg.omq, smooth=qcfg.smooth, lora_rank=qcfg.lora_rank, grad=qcfg.grad)
+  patterns = [p for p in qcfg.keep_8bit.split(",") if p]
+  return tuple((p, boundary) for p in patterns) + (("*", body),)
+
+
+def icc_rules(ccfg) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+  """(glob, spec whose cache part is ICC at that layer type's rank) for every type in ccfg.ranks."""
+  unknown = sorted(set(ccfg.ranks) - set(ICC_LAYERS))
+  if unknown:
+    raise ValueError(f"Unknown ICC layer types {unknown} in icc.ranks; known: {sorted(ICC_LAYERS)}.")
+  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], ccfg.svd)))
+               for name, rank in ccfg.ranks.items())

@@ -1,0 +1,207 @@
+"""`LayerSpec`: one layer's parts, the config rules that assign specs to layers, and their stored (dict) form.
+
+A rule table is ((layer glob, LayerSpec), ...), first match wins; layers no rule matches are `FLOAT`. The dict
+form names each part by `type` (big_vision-style), e.g.
+    {"weight": {"type": "scalar", "bits": 2}, "input": {"type": "static", "bits": 4, "steps": 20},
+     "cache": {"type": "none"}, "lora_rank": 32, "smooth": true, "train": true}
+and is what exports and stage records store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffq.seam import caches, inputs, weights
+from diffq.seam.variables import Variable
+
+LORA_GROUP = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """A layer's parts (see diffq/seam/__init__.py). `lora_rank`: W + A B with A (in, r) U(+-1/sqrt(in)) and
+  B (r, out) zeros; `smooth`: SmoothQuant pre-scale s (in,), x / s and W * s[:, None]; `train`: distillation
+  trains the parts' trainable leaves (LoRA, quantizer scales) of this layer."""
+  weight: Any = weights.Float()
+  input: Any = inputs.Float()
+  cache: Any = caches.NoCache()
+  lora_rank: int = 0
+  smooth: bool = False
+  train: bool = False
+
+  def __post_init__(self):
+    if self.lora_rank < 0:
+      raise ValueError(f"lora_rank must be >= 0; got {self.lora_rank}.")
+    if self.lora_rank and not self.weight.needs_kernel:
+      raise ValueError(f"A {self.weight.type!r} weight stores no float kernel, so it cannot carry LoRA; merge LoRA "
+                       "into the weight before export (diffq.io.quantized) or set lora_rank=0.")
+
+  @property
+  def parts(self) -> tuple:
+    return (self.weight, self.input, self.cache)
+
+  def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
+    """Every variable of the layer's parts (collection `quant` unless the part says otherwise), in creation
+    order: the weight's, smoothing, the input's, LoRA (random: drawn before the kernel), the cache's."""
+    v = dict(self.weight.variables(n_in, n_out))
+    if self.smooth:
+      v["smooth"] = Variable((n_in,), fill=1.0)
+    v.update(self.input.variables(n_in))
+    if self.lora_rank:
+      v["lora_a"] = Variable((n_in, self.lora_rank),
+                             init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))  # torch kaiming(a=√5)
+      v["lora_b"] = Variable((self.lora_rank, n_out))
+    v.update(self.cache.variables(n_in, n_out))
+    return v
+
+  def trainable(self) -> dict[str, str]:
+    """{variable name: learning-rate group} of the leaves distillation trains ({} unless `train`)."""
+    if not self.train:
+      return {}
+    out = {**self.weight.trainable, **self.input.trainable, **self.cache.trainable}
+    if self.lora_rank:
+      out.update(lora_a=LORA_GROUP, lora_b=LORA_GROUP)
+    return out
+
+  @property
+  def stats(self) -> tuple[str, ...]:
+    """The calibration statistics the layer's parts read (diffq/calibrate.py's statistics pass)."""
+    need = [s for part in self.parts for s in part.stats]
+    if self.smooth:
+      need += ["in_min", "in_max"]
+    return tuple(dict.fromkeys(need))
+
+  def effective_weight(self, kernel, q: dict):
+    """(W + A B) * s[:, None], (in, out): the float weight the weight part sees."""
+    w = kernel
+    if self.lora_rank:
+      w = w + q["lora_a"] @ q["lora_b"]
+    if self.smooth:
+      w = w * q["smooth"][:, None]
+    return w
+
+  def deployed(self) -> "LayerSpec":
+    """The exported form: each part's deployed form, LoRA merged into the weight, nothing trainable."""
+    return LayerSpec(self.weight.deployed(), self.input.deployed(), self.cache.deployed(), 0, self.smooth, False)
+
+  def replace(self, **parts) -> "LayerSpec":
+    return dataclasses.replace(self, **parts)
+
+
+FLOAT = LayerSpec()
+
+# A spec table: ((glob pattern over layer path, LayerSpec), ...); first match wins.
+SpecTable = Sequence[tuple[str, LayerSpec]]
+
+
+def resolve(path: str, table: SpecTable) -> LayerSpec:
+  for pattern, spec in table:
+    if fnmatch.fnmatchcase(path, pattern):
+      return spec
+  return FLOAT
+
+
+def check_table(table: SpecTable, layer_paths: Sequence[str]) -> None:
+  """Raises if a pattern matches no layer (a typo would silently do nothing)."""
+  for pattern, _ in table:
+    if not any(fnmatch.fnmatchcase(p, pattern) for p in layer_paths):
+      raise ValueError(
+          f"Layer pattern {pattern!r} matches no layer of the model. Known layers look like: "
+          f"{', '.join(list(layer_paths)[:6])}, ... Fix the pattern in the config.")
+
+
+def with_parts(table: SpecTable, layer_paths: Sequence[str], rules: SpecTable, part: str) -> tuple:
+  """The per-layer table of `layer_paths` under `table`, with part `part` ('weight', 'input' or 'cache') taken
+  from the first of `rules` that matches the layer (layers no rule matches keep their own)."""
+  check_table(rules, layer_paths)
+  out = []
+  for p in layer_paths:
+    spec = resolve(p, table)
+    hit = next((s for pat, s in rules if fnmatch.fnmatchcase(p, pat)), None)
+    out.append((p, spec if hit is None else spec.replace(**{part: getattr(hit, part)})))
+  return tuple(out)
+
+
+def _part_dict(part) -> dict:
+  return {"type": part.type, **dataclasses.asdict(part)}
+
+
+def to_dict(spec: LayerSpec) -> dict:
+  return dict(weight=_part_dict(spec.weight), input=_part_dict(spec.input), cache=_part_dict(spec.cache),
+              lora_rank=spec.lora_rank, smooth=spec.smooth, train=spec.train)
+
+
+def _part(types: dict, d: dict, what: str):
+  d = dict(d)
+  name = d.pop("type", None)
+  if name not in types:
+    raise ValueError(f"Unknown {what} part type {name!r}; known: {sorted(k for k, v in types.items() if v)}.")
+  if types[name] is None:
+    raise ValueError(f"The {what} part {name!r} is declared but not built yet (its method's issue fills it).")
+  return types[name](**d)
+
+
+def from_dict(d: dict) -> LayerSpec:
+  """Inverse of `to_dict`; raises ValueError naming the bad part."""
+  d = dict(d)
+  try:
+    parts = dict(weight=_part(weights.TYPES, d.pop("weight"), "weight"),
+                 input=_part(inputs.TYPES, d.pop("input"), "input"),
+                 cache=_part(caches.TYPES, d.pop("cache"), "cache"))
+    return LayerSpec(**parts, **d)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"Malformed layer spec {d} ({type(e).__name__}: {e}).") from None
+
+
+def from_legacy_policy(d: dict) -> LayerSpec:
+  """The spec of a wave-1 `LayerPolicy` dict (exports written before the seam of parts): kind float,
+  fakequant or intweight with w_bits, a_bits (0 = float), a_steps, w_symmetric, w_group_size, mixed_bits,
+  smooth, lora_rank, grad."""
+  try:
+    if d["kind"] == "float":
+      return FLOAT
+    if d["kind"] not in ("fakequant", "intweight"):
+      raise ValueError(f"unknown kind {d['kind']!r}")
+    act = inputs.Static(d["a_bits"], d["a_steps"], d["grad"]) if d["a_bits"] else inputs.Float()
+    spec = LayerSpec(weights.Scalar(d["w_bits"], d["w_symmetric"], d["w_group_size"], d["mixed_bits"],
+                                    grad=d["grad"]), act, lora_rank=d["lora_rank"], smooth=d["smooth"],
+                     train=d["lora_rank"] > 0)
+    return spec.deployed() if d["kind"] == "intweight" else spec
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"Malformed wave-1 layer policy {d} ({e}).") from None
+
+
+def table_to_list(table: SpecTable) -> list:
+  return [[pat, to_dict(s)] for pat, s in table]
+
+
+def table_from_list(items) -> tuple:
+  return tuple((pat, from_dict(d)) for pat, d in items)
+
+
+@dataclasses.dataclass
+class LayerData:
+  """What a part's `calibrate` reads: the layer's FP kernel (in, out), its statistics {name: per-step array},
+  the variables the parts calibrated before it (`q`), job options, and a report dict it may annotate."""
+  path: str
+  spec: LayerSpec
+  kernel: Any
+  stats: dict
+  q: dict
+  options: dict
+  report: dict
+
+  def smoothed(self, x):
+    return x / self.q["smooth"] if self.spec.smooth else x
+
+  def smoothed_kernel(self):
+    return self.kernel * self.q["smooth"][:, None] if self.spec.smooth else self.kernel
+
+  def matrix(self):
+    """The (in, out) linear map x -> y - b of the layer as calibrated so far (input quantization aside)."""
+    w = self.spec.weight.matrix(self.q, lambda: self.spec.effective_weight(self.kernel, self.q))
+    return w / self.q["smooth"][:, None] if self.spec.smooth else w

@@ -1,0 +1,173 @@
+"""Weight parts: how a layer turns its float weight W_eff = (W + A B) * s[:, None] into the matmul weight.
+
+- `Float`: W_eff itself.
+- `Scalar`: uniform affine fake-quant Q_w(W_eff), per output channel or per group of `group_size` inputs, at
+  `bits` bits or a per-output-channel bit vector (`mixed`, MPQ-DM's OMQ). Variables w_scale/w_zero ((1, out) or
+  (in/g, 1, out)), w_bits (1, out) int32 when mixed. Its deployed form is `Codes`.
+- `Codes`: the deployed form: no float kernel; integer codes w_codes (in, out) and the same scales;
+  dequantize(codes) equals `Scalar`'s output bit for bit.
+- additive vector quantization (codes into learned codebooks): the slot exists (`TYPES`), filled by the VQ issue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffq.quant import omq, ops, ranges
+from diffq.seam.variables import Variable
+
+GRADS = ("ste", "lsq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Float:
+  type: ClassVar[str] = "float"
+  needs_kernel: ClassVar[bool] = True
+  trainable: ClassVar[dict] = {}
+  stats: ClassVar[tuple] = ()
+
+  def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
+    return {}
+
+  def matrix(self, q: dict, w_eff):
+    """The (in, out) matmul weight from `w_eff()` (the float effective weight, computed on demand)."""
+    return w_eff()
+
+  def deployed(self):
+    return self
+
+  def stored_bits(self, q: dict, n_in: int, n_out: int) -> int:
+    return 32 * n_in * n_out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Uniform:
+  """Shared fields and layout of the scalar weight quantizer and its integer form."""
+  bits: int = 8
+  symmetric: bool = False
+  group_size: int = 0
+  mixed: bool = False
+
+  def __post_init__(self):
+    ops.check_bits(self.bits, "weight bits")
+    if self.mixed and not 2 <= self.bits <= 7:
+      raise ValueError(f"mixed (OMQ) weights use bits-1..bits+1 bits, so bits must be 2..7; got {self.bits}.")
+    if self.mixed and self.group_size:
+      raise ValueError("mixed weight bits are per output channel; they cannot be combined with group_size.")
+    if self.group_size < 0:
+      raise ValueError(f"group_size must be >= 0 (0 = per output channel); got {self.group_size}.")
+
+  def scale_shape(self, n_in: int, n_out: int) -> tuple[int, ...]:
+    """Shape of w_scale / w_zero: (1, out) per output channel, (in/g, 1, out) per group of g inputs."""
+    if self.group_size:
+      if n_in % self.group_size:
+        raise ValueError(f"Weight group_size {self.group_size} does not divide the layer's {n_in} inputs.")
+      return (n_in // self.group_size, 1, n_out)
+    return (1, n_out)
+
+  def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
+    shape = self.scale_shape(n_in, n_out)
+    v = {"w_scale": Variable(shape, fill=1.0), "w_zero": Variable(shape)}
+    if self.mixed:
+      v["w_bits"] = Variable((1, n_out), jnp.int32, fill=self.bits)
+    return v
+
+  def grouped(self, w):
+    """(in, out) -> (in/g, g, out) for per-group quantizers (the layout of w_scale / w_zero), else unchanged."""
+    g = self.group_size
+    return w.reshape(w.shape[0] // g, g, w.shape[1]) if g else w
+
+  def qmax(self, q: dict):
+    return ops.qmax_of(q["w_bits"] if self.mixed else self.bits)
+
+  def channel_bits(self, q: dict, n_out: int) -> np.ndarray:
+    """(out,) bit width of each output channel."""
+    return np.asarray(q["w_bits"]).reshape(-1) if self.mixed else np.full(n_out, self.bits)
+
+  def stored_bits(self, q: dict, n_in: int, n_out: int) -> int:
+    return int(self.channel_bits(q, n_out).sum()) * n_in
+
+
+@dataclasses.dataclass(frozen=True)
+class Scalar(_Uniform):
+  """Q_w(W_eff): `grad` 'ste' (plain autograd of the straight-through quantizer) or 'lsq' (LSQ gradient scale)."""
+  type: ClassVar[str] = "scalar"
+  needs_kernel: ClassVar[bool] = True
+  trainable: ClassVar[dict] = {"w_scale": "weight_quant", "w_zero": "weight_quant"}
+  grad: str = "ste"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.grad not in GRADS:
+      raise ValueError(f"Unknown quantizer gradient {self.grad!r}; expected one of {GRADS}.")
+
+  @property
+  def stats(self) -> tuple[str, ...]:
+    return ("in_rows",) if self.mixed else ()  # OMQ scores bit allocations on real layer inputs
+
+  def calibrate(self, layer) -> dict:
+    """w_scale/w_zero by MSE search on the (smoothed) FP kernel, after OMQ's bit allocation when mixed."""
+    out, bits = {}, None
+    if self.mixed:
+      w_hat = layer.smoothed_kernel()
+      bits, k, _ = omq.omq_search(w_hat, layer.smoothed(layer.stats["in_rows"]), self.bits,
+                                  layer.options["omq_fractions"])
+      out["w_bits"] = bits
+      layer.report["omq_k"] = k
+    out["w_scale"], out["w_zero"] = weight_ranges(layer.kernel, self, layer.q.get("smooth"), bits)
+    return out
+
+  def matrix(self, q: dict, w_eff):
+    w = w_eff()
+    gscale = 1.0 / math.sqrt(w.shape[0] * (2 ** self.bits - 1)) if self.grad == "lsq" else 1.0
+    return ops.fake_quant(self.grouped(w), q["w_scale"], q["w_zero"], self.qmax(q), self.symmetric,
+                          gscale).reshape(w.shape)
+
+  def codes(self, q: dict, w_eff):
+    """Integer codes (in, out) int32 of the weight `matrix` fake-quantizes."""
+    w = w_eff()
+    return ops.quantize(self.grouped(w), q["w_scale"], q["w_zero"], self.qmax(q), self.symmetric).reshape(w.shape)
+
+  def deployed(self):
+    return Codes(self.bits, self.symmetric, self.group_size, self.mixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Codes(_Uniform):
+  """dequantize(w_codes) (in, out); w_codes are stored (packed) in an export, the float kernel is not."""
+  type: ClassVar[str] = "codes"
+  needs_kernel: ClassVar[bool] = False
+  trainable: ClassVar[dict] = {}
+  stats: ClassVar[tuple] = ()
+
+  def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
+    return {**super().variables(n_in, n_out), "w_codes": Variable((n_in, n_out), jnp.int32)}
+
+  def matrix(self, q: dict, w_eff):
+    codes = q["w_codes"]
+    return ops.dequantize(self.grouped(codes), q["w_scale"], q["w_zero"]).reshape(codes.shape)
+
+  def deployed(self):
+    return self
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def weight_ranges(kernel, part: _Uniform, smooth=None, bits=None):
+  """MSE-searched (scale, zero) of the (smoothed) kernel (in, out), per output channel or per input group;
+  `bits` (1, out) per-channel widths (default: part.bits everywhere, through the same array code path)."""
+  w = kernel if smooth is None else kernel * smooth[:, None]
+  bits = jnp.full((1, w.shape[1]), part.bits, jnp.int32) if bits is None else bits
+  if part.group_size:
+    n_in, n_out = w.shape
+    w = w.reshape(n_in // part.group_size, part.group_size, n_out)
+    return ranges.mse_range(w, bits, (1,), symmetric=part.symmetric)
+  return ranges.mse_range(w, bits, (0,), symmetric=part.symmetric)
+
+
+TYPES = {"float": Float, "scalar": Scalar, "codes": Codes, "vq": None}  # vq: additive VQ, the VQ issue's part

@@ -1,0 +1,104 @@
+"""Wall-clock of the compiled sampler alone: full DDIM vs ICC / naive caching / fewer-step DDIM, one run.
+
+  python experiments/sampler_speed.py [--variants fp,p2_r16,p3_r16,p2_r0,ddim11] [--batch 250] [--repeats 7]
+                                      [--params diffq/assets/dit_fm_ema.npz] [--out icc_speed.md]
+
+A variant is `fp` (DDIM-20, every step full), `pP_rR` (ICC, period P, rank R on the four block linears; r0 = naive
+reuse) or `ddimN` (full DDIM with N steps). Every variant is jitted and run once (compilation) before timing,
+then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
+alike); the table reports the median and the ratio to `fp`'s median. Factors are plain-SVD (the SVD variant does
+not change the cost). Writes experiments/results/<out>.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from diffq import calibrate, parallel, plan as plan_lib  # noqa: E402
+from diffq.eval import flops  # noqa: E402
+from diffq.jobs import sample  # noqa: E402
+from diffq.models import dit  # noqa: E402
+from diffq.seam import rules, spec as spec_lib  # noqa: E402
+from configs import sample as sample_config  # noqa: E402
+
+
+def variant(name: str, model_cfg, params):
+  """(plan, spec table, variables) of a variant name."""
+  if name == "fp" or name.startswith("ddim"):
+    spacing = "ddim20" if name == "fp" else name
+    return plan_lib.make_plan(1000, spacing), (), {"params": params}
+  m = re.fullmatch(r"p(\d+)_r(\d+)", name)
+  if not m:
+    raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN or pP_rR (see the docstring).")
+  period, rank = map(int, m.groups())
+  ranks = dict(qkv=rank, proj=rank, fc1=rank, fc2=rank)
+  icc = type("ICCConfig", (), dict(ranks=ranks, svd="plain"))
+  table = spec_lib.with_parts((), dit.layer_paths(model_cfg), rules.icc_rules(icc), "cache")
+  quant, _ = calibrate.calibrate(model_cfg, {"params": params}, None, table, parts=("cache",))
+  return plan_lib.make_plan(1000, "ddim20", pattern=f"period:{period}"), table, {"params": params, "quant": quant}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--variants", default="fp,p2_r16,p3_r16,p2_r0,ddim11")
+  ap.add_argument("--batch", type=int, default=250)
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--params", default="diffq/assets/dit_fm_ema.npz")
+  ap.add_argument("--out", default="icc_speed.md")
+  args = ap.parse_args()
+  names = [v for v in args.variants.split(",") if v]
+  if "fp" not in names:
+    raise SystemExit("--variants must include fp (the reference of every ratio).")
+  model_cfg, params = sample.load_dit(os.path.join(ROOT, args.params))
+  conf = sample_config.get_config()
+  mesh = parallel.make_mesh(None)
+  labels, ids = parallel.shard_batch((np.arange(args.batch, dtype=np.int32) % model_cfg.num_classes,
+                                      np.arange(args.batch, dtype=np.int32)), mesh)
+  runs = {}
+  for name in names:
+    plan, table, variables = variant(name, model_cfg, params)
+    fn = sample.make_sample_fn(model_cfg, plan, conf, mesh, table)
+    variables = jax.device_put(variables, parallel.replicated(mesh))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(variables, jax.random.key(0), labels, ids))
+    gmacs = flops.macs_per_image(model_cfg, plan, conf.cfg_scale, table) / 1e9
+    runs[name] = dict(fn=fn, v=variables, times=[], compile=time.perf_counter() - t0, gmacs=gmacs)
+    print(f"{name}: compiled + first run {runs[name]['compile']:.1f} s, {gmacs:.3f} GMACs/image", flush=True)
+  for r in range(args.repeats):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(run["fn"](run["v"], jax.random.key(r + 1), labels, ids))
+      run["times"].append(time.perf_counter() - t0)
+    print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{n} {x['times'][-1]:.2f} s" for n, x in runs.items()),
+          flush=True)
+  fp = float(np.median(runs["fp"]["times"]))
+  cmd = "python experiments/sampler_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  lines = [f"# Sampler wall-clock: {', '.join(names)}", "",
+           f"Compiled sampler alone (no scoring, no host transfer beyond the result), batch {args.batch} images "
+           f"(CFG 3: {2 * args.batch} network rows), {len(jax.devices())} device(s), {os.cpu_count()} CPU cores; "
+           f"{args.repeats} interleaved repeats after a compile run. Command: `{cmd}`", "",
+           "| variant | GMACs/image | MACs vs fp | median s | min s | max s | speed-up vs fp (median) |",
+           "|---|---|---|---|---|---|---|"]
+  for name, run in runs.items():
+    t = np.array(run["times"])
+    lines.append(f"| {name} | {run['gmacs']:.3f} | {run['gmacs'] / runs['fp']['gmacs']:.3f} | {np.median(t):.2f} | "
+                 f"{t.min():.2f} | {t.max():.2f} | {fp / np.median(t):.2f}x |")
+  out = os.path.join(ROOT, "experiments", "results", args.out)
+  with open(out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
