@@ -3,7 +3,7 @@
 1. `fp_trajectory`: (x_t, t, y) of the model's own sampling trajectory (the calibration set).
 2. `statistics`: one pass over the calibration set that records, per seam Linear and step, the statistics its
    parts ask for (`LayerSpec.stats`): per-channel input min/max, fixed random input entries, the inputs of the
-   first images (OMQ), row-normalised per-channel mean magnitudes of inputs and outputs and of their increments
+   first images (OMQ), X^T X (additive VQ), row-normalised per-channel mean magnitudes of inputs and outputs and of their increments
    between adjacent steps (ICC). Each step's network call is traced once, so it runs under jit on a sharded
    batch (reductions over the batch become cross-device all-reduces).
 3. `calibrate`: each layer's parts calibrate in pipeline order (smoothing, weight, input, cache) from those
@@ -89,7 +89,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
                images_per_step: int = 2) -> dict[str, dict[str, jax.Array]]:
   """{layer path: {statistic: array}} of the model under `table` over the calibration set, for the statistics
   `requests` names per layer. Per step (leading axis S): in_min, in_max (in,) per-channel input range;
-  in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
+  in_xtx (in, in) the input's X^T X over rows and tokens; in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
   smaller; in_sample_channel (k,) their channels); in_absmean (in,), out_absmean (out,) (`_channel_absmean`);
   in_delta_absmean, out_delta_absmean (S - 1 pairs of adjacent steps) the same of the increments. in_rows: the
   inputs of the first `images_per_step` images (and their guidance twins), steps concatenated
@@ -113,6 +113,9 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
         idx = jax.random.randint(jax.random.key(0), (sample_size,), 0, a.size) if 0 < sample_size < a.size \
             else jnp.arange(a.size)
         s["in_sample"], s["in_sample_channel"] = a.reshape(-1)[idx], idx % a.shape[-1]
+      if "in_xtx" in names:
+        flat = a.reshape(-1, a.shape[-1])
+        s["in_xtx"] = flat.T @ flat
       if "in_rows" in names:
         s["in_rows"] = a[keep]
       if "in_absmean" in names:

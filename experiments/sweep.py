@@ -5,7 +5,8 @@
 A sweep file defines `NAME` (results stem), `RUNS` (list of dicts: name, config, overrides, and optionally
 `workdir`: a run directory relative to the runs root, to share an identical run with another sweep; `labels`: a
 dict of fields the sweep itself knows, e.g. the method and setting, added to the run's row), `COLUMNS` (metrics.json
-keys or labels for the table) and optionally `PARETO` ((x_key, y_key) pairs) and `LINES` (dicts x, y, group and
+keys or labels for the table) and optionally `PARETO` ((x_key, y_key) pairs; `PARETO_GROUP`: a label that colours
+the points) and `LINES` (dicts x, y, group and
 optionally reference, a run name drawn as a horizontal line, and log_y: y against a categorical x, one line per
 group) and `PIVOTS` (dicts rows, cols, value: a value-by-label table added to the .md). Results go to
 experiments/results/<NAME>.md/.csv (each row with the exact command that produced it), <NAME>_<y>_vs_<x>.png and
@@ -179,7 +180,11 @@ def draw_pareto(sweep, rows: list[dict]) -> None:
     if not pts:
       continue
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    group = getattr(sweep, "PARETO_GROUP", None)
+    by_name = {r["name"]: r.get(group) for r in rows}
+    for g in dict.fromkeys(by_name[p[2]] for p in pts):
+      ax.scatter([p[0] for p in pts if by_name[p[2]] == g], [p[1] for p in pts if by_name[p[2]] == g],
+                 label=None if g is None else str(g))
     for x, y, name in pts:
       ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = [pts[i] for i in pareto_front([(p[0], p[1]) for p in pts])]

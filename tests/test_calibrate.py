@@ -82,3 +82,28 @@ def test_calibration_on_8_devices_equals_1_device():
   eight = calibrate.calibrate(cfg, {"params": params}, sharded, (("*", pol),))
   assert one[1] == eight[1] and one[1]  # same OMQ choices
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, eight)
+
+
+def test_statistics_pass_matches_numpy_on_the_captured_inputs():
+  cfg, params, cal = tiny_setup(num_images=4)
+  names = ("in_min", "in_max", "in_xtx", "in_sample", "in_absmean", "in_delta_absmean")
+  p = "blocks_1/mlp/fc2"
+  stats = calibrate.statistics(cfg, {"params": params}, (), cal, {p: names}, sample_size=100)[p]
+  model = dit.DiT(config=cfg)
+  caps = [calibrate.capture_layers(model, {"params": params}, *calibrate._model_batch(cal, i))[1][p]
+          for i in range(4)]
+  xs = [np.asarray(c[0], np.float64) for c in caps]
+  for i, x in enumerate(xs):
+    flat = x.reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(stats["in_min"][i], flat.min(0), rtol=1e-6)  # jit vs eager: last-bit fusion
+    np.testing.assert_allclose(stats["in_xtx"][i], flat.T @ flat, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(stats["in_sample"][i], x.reshape(-1)[np.asarray(
+        jax.random.randint(jax.random.key(0), (100,), 0, x.size))], rtol=1e-5, atol=1e-7)
+    m = np.abs(x).mean(1)
+    norm = (m - m.min(1, keepdims=True) + 1e-6) / (m.max(1, keepdims=True) - m.min(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(stats["in_absmean"][i], norm.mean(0), rtol=1e-4)
+    if i:
+      m = np.abs(x - xs[i - 1]).mean(1)
+      norm = (m - m.min(1, keepdims=True) + 1e-6) / (m.max(1, keepdims=True) - m.min(1, keepdims=True) + 1e-6)
+      np.testing.assert_allclose(stats["in_delta_absmean"][i - 1], norm.mean(0), rtol=1e-4)
+  assert stats["in_delta_absmean"].shape[0] == 3 and stats["out_absmean"].shape == (4, 32)

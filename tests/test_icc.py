@@ -225,6 +225,26 @@ def test_icc_job_end_to_end(tiny_export, tmp_path):
     assert (tmp_path / name).exists(), name
   fp_macs = flops.macs_per_image(CFG, plan_lib.make_plan(1000, "ddim4"), 3.0) / 1e9
   assert out["cached_steps"] == 2 and 0.5 * fp_macs < out["gmacs_per_image"] < 0.75 * fp_macs
+  assert out["macs_vs_full"] == pytest.approx(out["gmacs_per_image"] / fp_macs)
   assert out["icc_params"] == 2 * 4 * (32 * 3 + 96 + 32 + 32 + 32 + 128 + 128 + 32)  # 2 blocks x r x (in+out)
   assert out["cache_bytes_per_image"] == 2 * 2 * 4 * CFG.num_tokens * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32)
   assert json.load(open(tmp_path / "metrics.json"))["icc_svd"] == "ca"
+
+
+def test_icc_caches_a_quantized_export_factorising_the_weight_it_runs(tmp_path):
+  from diffq.io import quantized
+  from tests.test_quant_export import PARAMS, quantized_model
+  table, quant = quantized_model("mixed_w2_smooth")
+  path = str(tmp_path / "quantized.npz")
+  quantized.export_quantized(path, CFG, PARAMS, quant, table,
+                             metadata=dict(settings=dict(sampler=dict(diffusion_steps=1000, spacing="ddim4"))))
+  c = job_cfg(path, "quick,rank=32,period=2,svd=plain")
+  out = icc_job.run(c, str(tmp_path / "icc"))
+  assert out["cached_steps"] == 2 and out["model"] == "quantized.npz"
+  cfg, v, deployed = quantized.import_quantized(path)
+  full = spec_lib.with_parts(deployed, dit.layer_paths(cfg), icc_table(32), "cache")
+  q, _ = calibrate.calibrate(cfg, v, None, full, base_table=deployed, parts=("cache",))
+  layer, spec = q["blocks_0"]["mlp"]["fc1"], spec_lib.resolve("blocks_0/mlp/fc1", deployed)
+  w = spec.weight.matrix(layer, None) / layer["smooth"][:, None]  # dequantized codes, un-smoothed
+  np.testing.assert_allclose(layer["icc_b"][0] @ layer["icc_a"][0], w, atol=1e-5 * float(np.abs(w).max()))
+  np.testing.assert_array_equal(layer["w_codes"], v["quant"]["blocks_0"]["mlp"]["fc1"]["w_codes"])

@@ -144,3 +144,28 @@ def test_bad_inputs_are_refused(tmp_path):
   npz.export_npz(path, tree, manifest["metadata"])
   with pytest.raises(ValueError, match="malformed quantized DiT export"):
     quantized.import_quantized(path)
+
+
+def test_wave1_exports_with_policy_tables_still_import_to_the_same_model(tmp_path):
+  """Exports written before the seam of parts record `policies` (LayerPolicy dicts of the fake-quant table)."""
+  table, quant = quantized_model("mixed_w2_smooth")
+  path = str(tmp_path / "q.npz")
+  quantized.export_quantized(path, CFG, PARAMS, quant, table)
+  tree, manifest = npz.import_npz(path)
+  legacy = lambda s: dict(kind="fakequant", w_bits=s.weight.bits, a_bits=s.input.bits, w_symmetric=False,
+                          w_group_size=0, a_steps=2, mixed_bits=s.weight.mixed, smooth=s.smooth,
+                          lora_rank=s.lora_rank, grad="ste")
+  meta = {k: v for k, v in manifest["metadata"].items() if k != "specs"}
+  meta["policies"] = [[pat, legacy(s)] for pat, s in table]
+  old = str(tmp_path / "old.npz")
+  npz.export_npz(old, tree, meta)
+  new_cfg, new_vars, new_table = quantized.import_quantized(path)
+  old_cfg, old_vars, old_table = quantized.import_quantized(old)
+  assert old_table == new_table and old_cfg == new_cfg
+  x, t, y = batch()
+  run = lambda tab, v: dit.DiT(config=CFG, specs=tab).apply(v, x, t, y, ctx=plan_lib.StepContext(1))
+  np.testing.assert_array_equal(run(old_table, old_vars), run(new_table, new_vars))
+  meta["policies"][1][1]["kind"] = "int4"
+  npz.export_npz(old, tree, meta)
+  with pytest.raises(ValueError, match="malformed quantized DiT export.*unknown kind 'int4'"):
+    quantized.import_quantized(old)

@@ -1,0 +1,24 @@
+"""ICC (increment-calibrated caching) vs naive caching vs fewer-step DDIM on the FP embedded model, under the
+protocol (experiments/PROTOCOL.md: N = 5000, DDIM 20 grid, CFG 3, seed 0). ICC and naive caching run the
+DDIM-20 plan with step i full when i % period == 0 (p2, p3; the paper's schedule) or the late-full pattern, and
+cached otherwise (rank 0 = naive reuse, FORA-style);
+fewer-step DDIM runs every step in full on a coarser grid. gmacs_per_image counts every step by its kind."""
+NAME = "icc"
+COLUMNS = ["method", "schedule", "rank", "svd", "fid", "sfid", "is", "precision", "recall", "class_acc",
+           "gmacs_per_image", "macs_vs_full", "cache_bytes_per_image", "icc_params", "seconds"]
+PARETO = [("gmacs_per_image", "fid")]
+PARETO_GROUP = "method"
+
+RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
+             labels={"method": "DDIM-20 (FP)", "macs_vs_full": 1.0})]
+RUNS += [dict(name=f"ddim{n}", config="configs/sample.py", overrides={"seed": 0, "spacing": f"ddim{n}"},
+              labels={"method": "fewer-step DDIM", "macs_vs_full": round(n / 20, 3)}) for n in (8, 10, 11, 12, 14)]
+LATE_FULL = "FCCCFCCCFCCFCCFCFFFF"  # 11 cached steps, all early; the last four full (see icc_step_error.md)
+ICC = [("p2", 0, "ca"), ("p3", 0, "ca"), ("late", 0, "ca"), ("p2", 8, "ca"), ("p2", 16, "ca"), ("p2", 32, "ca"),
+       ("p3", 16, "ca"), ("late", 8, "ca"), ("p2", 16, "plain"), ("p3", 16, "plain"), ("p3", 16, "cd")]
+PATTERNS = {"p2": "period:2", "p3": "period:3", "late": LATE_FULL}
+RUNS += [dict(name=f"{sched}_r{r}" + (f"_{svd}" if r else ""), config=f"configs/dit_icc.py:rank={r},svd={svd}",
+              overrides={"sample.seed": 0, "sample.cache_pattern": PATTERNS[sched]},
+              labels={"method": "naive caching" if r == 0 else f"ICC ({svd.upper()}-SVD)" if svd != "plain"
+                      else "ICC (plain SVD)", "schedule": sched, "rank": r, "svd": svd if r else "-"})
+         for sched, r, svd in ICC]
