@@ -14,9 +14,10 @@ RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workd
 RUNS += [dict(name=f"ddim{n}", config="configs/sample.py", overrides={"seed": 0, "spacing": f"ddim{n}"},
               labels={"method": "fewer-step DDIM", "macs_vs_full": round(n / 20, 3)}) for n in (8, 10, 11, 12, 14)]
 LATE_FULL = "FCCCFCCCFCCFCCFCFFFF"  # 11 cached steps, all early; the last four full (see icc_step_error.md)
+ALT8 = "FCFCFCFCFCFCFCFCFFFF"  # 8 cached steps: naive caching at the MACs of ICC p2 r8/r16
 ICC = [("p2", 0, "ca"), ("p3", 0, "ca"), ("late", 0, "ca"), ("p2", 8, "ca"), ("p2", 16, "ca"), ("p3", 16, "ca"),
-       ("late", 8, "ca"), ("p2", 16, "plain"), ("p3", 16, "cd")]
-PATTERNS = {"p2": "period:2", "p3": "period:3", "late": LATE_FULL}
+       ("late", 8, "ca"), ("p2", 16, "plain"), ("p3", 16, "cd"), ("alt8", 0, "ca")]
+PATTERNS = {"p2": "period:2", "p3": "period:3", "late": LATE_FULL, "alt8": ALT8}
 RUNS += [dict(name=f"{sched}_r{r}" + (f"_{svd}" if r else ""), config=f"configs/dit_icc.py:rank={r},svd={svd}",
               overrides={"sample.seed": 0, "sample.cache_pattern": PATTERNS[sched]},
               labels={"method": "naive caching" if r == 0 else f"ICC ({svd.upper()}-SVD)" if svd != "plain"
