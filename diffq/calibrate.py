@@ -18,7 +18,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffq import plan as plan_lib, sampler
 from diffq.models import dit, layers

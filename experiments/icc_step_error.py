@@ -20,6 +20,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import report  # noqa: E402
 from diffq import calibrate, plan as plan_lib, sampler  # noqa: E402
 from diffq.jobs import sample  # noqa: E402
 from diffq.models import dit  # noqa: E402
@@ -80,10 +81,7 @@ def main() -> None:
   for (rank, lag), e in rows.items():
     lines.append(f"| r{rank}, lag {lag} | " + " | ".join("" if np.isnan(x) else f"{x:.3f}" for x in e)
                  + f" | {np.nanmean(e):.3f} |")
-  out = os.path.join(ROOT, "experiments", "results", args.out)
-  with open(out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import report  # noqa: E402
 from diffq import calibrate, parallel, plan as plan_lib  # noqa: E402
 from diffq.eval import flops  # noqa: E402
 from diffq.jobs import sample  # noqa: E402
@@ -96,10 +96,7 @@ def main() -> None:
     t = np.array(run["times"])
     lines.append(f"| {name} | {run['gmacs']:.3f} | {run['gmacs'] / runs['fp']['gmacs']:.3f} | {np.median(t):.2f} | "
                  f"{t.min():.2f} | {t.max():.2f} | {fp / np.median(t):.2f}x |")
-  out = os.path.join(ROOT, "experiments", "results", args.out)
-  with open(out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

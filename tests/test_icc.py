@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import dit_icc
-from diffq import calibrate, parallel, plan as plan_lib, sampler
+from diffq import calibrate, parallel, plan as plan_lib
 from diffq.cache import icc
 from diffq.eval import flops
 from diffq.jobs import icc as icc_job, quantize, sample

@@ -13,7 +13,6 @@ import fnmatch
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from diffq.seam import caches, inputs, weights
 from diffq.seam.variables import Variable
