@@ -1,0 +1,72 @@
+"""Wall-clock of one network call by step kind (the sampler's per-step cost without the scan): full vs an ICC /
+naive-caching cached call, same CFG batch, one run, interleaved repeats, median.
+
+  python experiments/step_speed.py [--ranks 0,8,16] [--batch 100] [--repeats 20] [--out icc_step_speed.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from experiments import report  # noqa: E402
+from diffq import calibrate, plan as plan_lib, sampler  # noqa: E402
+from diffq.jobs import sample  # noqa: E402
+from diffq.models import dit  # noqa: E402
+from diffq.seam import rules, spec as spec_lib  # noqa: E402
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--ranks", default="0,8,16")
+  ap.add_argument("--batch", type=int, default=100)
+  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--params", default="diffq/assets/dit_fm_ema.npz")
+  ap.add_argument("--out", default="icc_step_speed.md")
+  args = ap.parse_args()
+  cfg, params = sample.load_dit(os.path.join(ROOT, args.params))
+  x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels))
+  t, y = jnp.full((args.batch,), 500), jnp.arange(args.batch) % cfg.num_classes
+  calls = {}
+  for rank in [int(r) for r in args.ranks.split(",")]:
+    icc = type("ICCConfig", (), dict(ranks=dict(qkv=rank, proj=rank, fc1=rank, fc2=rank), svd="plain"))
+    table = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(icc), "cache")
+    quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
+    model = dit.DiT(config=cfg, specs=table)
+    v = {"params": params, "quant": quant}
+    state = dit.init_state(model, v, 2 * args.batch)
+    for kind in (plan_lib.FULL, plan_lib.CACHED):
+      fn = jax.jit(lambda v, s, k=kind, m=model: sampler.guided(dit.model_fn(m), v, s, x, t, y,
+                                                                plan_lib.StepContext(1, k), 3.0, cfg.num_classes))
+      jax.block_until_ready(fn(v, state))
+      calls[f"r{rank} {kind.name}"] = (fn, v, state, [])
+  plain = jax.jit(lambda p: sampler.guided(dit.model_fn(dit.DiT(config=cfg)), {"params": p}, {}, x, t, y,
+                                           plan_lib.StepContext(1), 3.0, cfg.num_classes))
+  jax.block_until_ready(plain(params))
+  calls = {"fp full (no caches)": (lambda v, s: plain(params), None, None, []), **calls}
+  for _ in range(args.repeats):
+    for fn, v, s, times in calls.values():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(v, s))
+      times.append(time.perf_counter() - t0)
+  ref = float(np.median(calls["fp full (no caches)"][3]))
+  cmd = "python experiments/step_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  lines = ["# One network call by step kind", "", f"Batch {args.batch} images (CFG: {2 * args.batch} rows), "
+           f"{args.repeats} interleaved repeats after compilation, {os.cpu_count()} CPU cores. Command: `{cmd}`", "",
+           "| call | median ms | vs fp full |", "|---|---|---|"]
+  for name, (_, _, _, times) in calls.items():
+    lines.append(f"| {name} | {1e3 * np.median(times):.1f} | {np.median(times) / ref:.2f} |")
+  report.write_markdown(args.out, lines)
+
+
+if __name__ == "__main__":
+  main()
