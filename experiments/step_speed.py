@@ -2,6 +2,9 @@
 naive-caching cached call, same CFG batch, one run, interleaved repeats, median.
 
   python experiments/step_speed.py [--ranks 0,8,16] [--batch 100] [--repeats 20] [--out icc_step_speed.md]
+
+`--ranks` items are one rank for the four block linears, or per layer type, e.g. `qkv=0/proj=0/fc1=8/fc2=8`
+(a reused attention branch is dead on cached steps: this times the MLP side alone).
 """
 from __future__ import annotations
 
@@ -37,8 +40,9 @@ def main() -> None:
   x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels))
   t, y = jnp.full((args.batch,), 500), jnp.arange(args.batch) % cfg.num_classes
   calls = {}
-  for rank in [int(r) for r in args.ranks.split(",")]:
-    icc = type("ICCConfig", (), dict(ranks=dict(qkv=rank, proj=rank, fc1=rank, fc2=rank), svd="plain"))
+  for rank in args.ranks.split(","):
+    ranks = dict(item.split("=") for item in rank.split("/")) if "=" in rank else dict.fromkeys(rules.ICC_LAYERS, rank)
+    icc = type("ICCConfig", (), dict(ranks={k: int(r) for k, r in ranks.items()}, svd="plain"))
     table = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(icc), "cache")
     quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
     model = dit.DiT(config=cfg, specs=table)
