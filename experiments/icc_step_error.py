@@ -22,9 +22,9 @@ sys.path.insert(0, ROOT)
 
 from experiments import report  # noqa: E402
 from diffq import calibrate, plan as plan_lib, sampler  # noqa: E402
-from diffq.jobs import sample  # noqa: E402
+from diffq.jobs import icc, sample  # noqa: E402
 from diffq.models import dit  # noqa: E402
-from diffq.seam import rules, spec as spec_lib  # noqa: E402
+from diffq.seam import rules  # noqa: E402
 
 
 def main() -> None:
@@ -47,11 +47,9 @@ def main() -> None:
   lags = [int(v) for v in args.lags.split(",")]
   rows = {}
   for rank in [int(v) for v in args.ranks.split(",")]:
-    icc = type("ICCConfig", (), dict(ranks=dict(qkv=rank, proj=rank, fc1=rank, fc2=rank), svd="plain"))
-    table = spec_lib.with_parts((), dit.layer_paths(model_cfg), rules.icc_rules(icc), "cache")
-    quant, _ = calibrate.calibrate(model_cfg, {"params": params}, None, table, parts=("cache",))
+    table, v = icc.add_caches(model_cfg, {"params": params}, (), dict.fromkeys(rules.ICC_LAYERS, rank), "plain")
     model = dit.DiT(config=model_cfg, specs=table)
-    fn, v = dit.model_fn(model), {"params": params, "quant": quant}
+    fn = dit.model_fn(model)
 
     @jax.jit
     def err(x_ref, t_ref, x, t):

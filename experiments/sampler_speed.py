@@ -26,11 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments import report  # noqa: E402
-from diffq import calibrate, parallel, plan as plan_lib  # noqa: E402
+from diffq import parallel, plan as plan_lib  # noqa: E402
 from diffq.eval import flops  # noqa: E402
-from diffq.jobs import sample  # noqa: E402
-from diffq.models import dit  # noqa: E402
-from diffq.seam import rules, spec as spec_lib  # noqa: E402
+from diffq.jobs import icc, sample  # noqa: E402
+from diffq.seam import rules  # noqa: E402
 from configs import sample as sample_config  # noqa: E402
 
 
@@ -44,11 +43,8 @@ def variant(name: str, model_cfg, params):
     raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, pP_rR or <F/C pattern>_rR (see the docstring).")
   schedule, rank = m.group(1), int(m.group(2))
   pattern = f"period:{schedule[1:]}" if schedule.startswith("p") else schedule
-  ranks = dict(qkv=rank, proj=rank, fc1=rank, fc2=rank)
-  icc = type("ICCConfig", (), dict(ranks=ranks, svd="plain"))
-  table = spec_lib.with_parts((), dit.layer_paths(model_cfg), rules.icc_rules(icc), "cache")
-  quant, _ = calibrate.calibrate(model_cfg, {"params": params}, None, table, parts=("cache",))
-  return plan_lib.make_plan(1000, "ddim20", pattern=pattern), table, {"params": params, "quant": quant}
+  table, variables = icc.add_caches(model_cfg, {"params": params}, (), dict.fromkeys(rules.ICC_LAYERS, rank), "plain")
+  return plan_lib.make_plan(1000, "ddim20", pattern=pattern), table, variables
 
 
 def main() -> None:

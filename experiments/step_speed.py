@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments import report  # noqa: E402
-from diffq import calibrate, plan as plan_lib, sampler  # noqa: E402
-from diffq.jobs import sample  # noqa: E402
+from diffq import plan as plan_lib, sampler  # noqa: E402
+from diffq.jobs import icc, sample  # noqa: E402
 from diffq.models import dit  # noqa: E402
-from diffq.seam import rules, spec as spec_lib  # noqa: E402
+from diffq.seam import rules  # noqa: E402
 
 
 def main() -> None:
@@ -42,11 +42,8 @@ def main() -> None:
   calls = {}
   for rank in args.ranks.split(","):
     ranks = dict(item.split("=") for item in rank.split("/")) if "=" in rank else dict.fromkeys(rules.ICC_LAYERS, rank)
-    icc = type("ICCConfig", (), dict(ranks={k: int(r) for k, r in ranks.items()}, svd="plain"))
-    table = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(icc), "cache")
-    quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
+    table, v = icc.add_caches(cfg, {"params": params}, (), {k: int(r) for k, r in ranks.items()}, "plain")
     model = dit.DiT(config=cfg, specs=table)
-    v = {"params": params, "quant": quant}
     state = dit.init_state(model, v, 2 * args.batch)
     for kind in (plan_lib.FULL, plan_lib.CACHED):
       fn = jax.jit(lambda v, s, k=kind, m=model: sampler.guided(dit.model_fn(m), v, s, x, t, y,

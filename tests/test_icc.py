@@ -24,8 +24,8 @@ CACHED = plan_lib.StepContext(1, plan_lib.CACHED)
 
 
 def icc_table(rank, svd="plain", cfg=CFG):
-  ranks = dict(qkv=rank, proj=rank, fc1=rank, fc2=rank)
-  return spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(_ns(ranks=ranks, svd=svd)), "cache")
+  return spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(dict.fromkeys(rules.ICC_LAYERS, rank), svd),
+                             "cache")
 
 
 class _ns(dict):
@@ -187,7 +187,7 @@ def test_bad_plans_and_specs_are_clear_errors(tiny_export, tmp_path):
   with pytest.raises(ValueError, match="period must be a positive integer"):
     plan_lib.make_plan(1000, "ddim4", pattern="period:0")
   with pytest.raises(ValueError, match="Unknown ICC layer types"):
-    rules.icc_rules(_ns(ranks=dict(qkvv=4), svd="ca"))
+    rules.icc_rules(dict(qkvv=4), "ca")
   with pytest.raises(ValueError, match="Unknown ICC factorisation"):
     caches.ICC(4, svd="fisher")
   with pytest.raises(ValueError, match="exceeds the rank"):

@@ -80,7 +80,7 @@ def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: 
         flat[f"quant/{p}/{name}"] = np.round(q[name]) if name == "w_zero" else np.asarray(q[name])
     del flat[f"params/{p}/kernel"]
     shapes[p] = list(codes.shape)
-    code_bits += int(bits.sum()) * codes.shape[0]
+    code_bits += part.stored_bits(q, *codes.shape)
     n_quantized += codes.size
   float_weights = sum(v.size for k, v in flat.items() if k.startswith("params/") and k.endswith(("kernel",
                                                                                                  "embedding")))

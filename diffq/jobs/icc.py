@@ -24,18 +24,28 @@ from diffq.seam import rules, spec as spec_lib
 
 
 def check_settings(config, mesh):
-  """Validates the job's settings before any work; returns (plan, ICC rules)."""
+  """Validates the job's settings before any work; returns the plan."""
   plan = sample.check_settings(config.sample, mesh, "--config.sample.")
   if not any(k.cache == "read" for k in plan.step_kinds):
     raise ValueError(f"The plan has no cached step (sample.cache_pattern={config.sample.cache_pattern!r}); use "
                      "'period:p' with p >= 2 or a pattern with C steps (the FP model samples with configs/sample.py).")
   if any(not isinstance(r, int) or r < 0 for r in config.icc.ranks.values()):
     raise ValueError(f"icc.ranks must be integers >= 0 (0 = naive reuse); got {dict(config.icc.ranks)}.")
-  icc_rules = rules.icc_rules(config.icc)
+  rules.icc_rules(config.icc.ranks, config.icc.svd)  # raises on an unknown layer type or SVD
   if config.calib.num_images < 1:
     raise ValueError(f"calib.num_images must be >= 1; got {config.calib.num_images}.")
   parallel.check_batch_divisible(config.calib.num_images, mesh)
-  return plan, icc_rules
+  return plan
+
+
+def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibration_set=None) -> tuple:
+  """(spec table, variables) of the model `variables` runs under `base_table`, with ICC cache parts at `ranks`
+  ({layer type: rank}) and their factors; `calibration_set()` is called for the statistics pass only if the
+  SVD needs channel statistics."""
+  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd), "cache")
+  cal = calibration_set() if any(s.cache.stats for _, s in table) else None
+  quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
+  return table, {**variables, "quant": jax.device_get(quant)}
 
 
 def cache_bytes_per_image(model_cfg, variables, table, cfg_scale: float) -> int:
@@ -48,18 +58,15 @@ def cache_bytes_per_image(model_cfg, variables, table, cfg_scale: float) -> int:
 
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
-  plan, icc_rules = check_settings(config, mesh)
+  plan = check_settings(config, mesh)
   model_cfg, variables, base_table = sample.load_model(config.params)
   if base_table:
     sample.check_plan_matches_export(config.sample, config.params)
-  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), icc_rules, "cache")
   t0 = time.time()
-  cal = None
-  if any(s.cache.stats for _, s in table):
-    cal = quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table)
-  quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
+  table, variables = add_caches(
+      model_cfg, variables, base_table, dict(config.icc.ranks), config.icc.svd,
+      lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table))
   calib_seconds = time.time() - t0
-  variables = {**variables, "quant": jax.device_get(quant)}
   icc_params = sum(int(np.size(v)) for k, v in npz.flatten(variables["quant"]).items()
                    if k.endswith(("icc_a", "icc_b")))
   logging.info("ICC factors ready in %.1f s (%d entries); sampling with pattern %s.", calib_seconds, icc_params,

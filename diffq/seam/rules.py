@@ -3,7 +3,7 @@
 `quant_table(config.quant, steps)`: MPQ-DM's layout. Layers matching `keep_8bit` get W8A8 per-channel weights
 and per-step inputs, no smoothing/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
 W`w_bits`A`a_bits` with the configured options, and trains in distillation when it carries LoRA.
-`icc_rules(config.icc)`: the ICC cache part on the block linears, one rank per layer type.
+`icc_rules(ranks, svd)`: the ICC cache part on the block linears, one rank per layer type.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 
 
-def icc_rules(ccfg) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
-  """(glob, spec whose cache part is ICC at that layer type's rank) for every type in ccfg.ranks."""
-  unknown = sorted(set(ccfg.ranks) - set(ICC_LAYERS))
+def icc_rules(ranks, svd: str) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+  """(glob, spec whose cache part is ICC at that layer type's rank) for every type in `ranks` ({type: rank})."""
+  unknown = sorted(set(ranks) - set(ICC_LAYERS))
   if unknown:
     raise ValueError(f"Unknown ICC layer types {unknown} in icc.ranks; known: {sorted(ICC_LAYERS)}.")
-  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], ccfg.svd)))
-               for name, rank in ccfg.ranks.items())
+  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], svd)))
+               for name, rank in ranks.items())
