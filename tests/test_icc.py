@@ -98,8 +98,8 @@ def test_cache_state_has_one_row_per_network_row(model):
   v = {"params": params, "quant": calibrate.quant_template(cfg, icc_table(4))}
   state = dit.init_state(m, v, rows=2 * 3)  # 3 images under guidance
   qkv = state["cache"]["blocks_0"]["attn"]["qkv"]
-  assert qkv["x"].shape == (6, cfg.num_tokens, 32) and qkv["y"].shape == (6, cfg.num_tokens, 96)
-  assert state["cache"]["blocks_1"]["mlp"]["fc2"]["x"].shape == (6, cfg.num_tokens, 128)
+  assert qkv["xb"].shape == (6, cfg.num_tokens, 3, 4) and qkv["y"].shape == (6, cfg.num_tokens, 96)
+  assert state["cache"]["blocks_1"]["mlp"]["fc2"]["xb"].shape == (6, cfg.num_tokens, 1, 4)
   reuse = dit.init_state(dit.DiT(config=cfg, specs=icc_table(0)), {"params": params}, rows=6)
   assert set(reuse["cache"]["blocks_0"]["mlp"]["fc1"]) == {"y"}  # rank 0 stores no input
 
@@ -138,18 +138,19 @@ def test_cached_step_macs_match_traced_matmuls_and_the_paper():
   v = {k: c for k, c in v.items() if k != "cache"}
   m = dit.DiT(config=cfg, specs=table)
   state = jax.eval_shape(lambda vv: dit.init_state(m, vv, 1), v)
-  fn = lambda vv, st: dit.model_fn(m)(vv, st, jnp.zeros((1, 32, 32, 1)), jnp.zeros(1, int), jnp.zeros(1, int),
-                                      CACHED)[0]
-  traced = _count_dots(jax.make_jaxpr(fn)(v, state).jaxpr)
-  assert flops.macs_per_call(cfg, plan_lib.CACHED, table) == traced
-  assert flops.macs_per_call(cfg, plan_lib.FULL, table) == jaxpr_dot_macs(cfg)[0]
+  for ctx in (CACHED, plan_lib.StepContext(0, plan_lib.FULL)):  # a refresh step also projects x_c B for the cache
+    fn = lambda vv, st, c=ctx: dit.model_fn(m)(vv, st, jnp.zeros((1, 32, 32, 1)), jnp.zeros(1, int),
+                                               jnp.zeros(1, int), c)
+    traced = _count_dots(jax.make_jaxpr(fn)(v, state).jaxpr)
+    assert flops.macs_per_call(cfg, ctx.kind, table) == traced
+  assert flops.macs_per_call(cfg, plan_lib.FULL) == jaxpr_dot_macs(cfg)[0]
   # research/icc.md §6, DiT-XL/2 at 256^2: full 118.62 G, ICC r = 128 23.49 G, reuse only 0.24 G per call
   xl = dit.preset("DiT-XL/2")
   assert flops.macs_per_call(xl, plan_lib.CACHED, icc_table(128, cfg=xl)) / 1e9 == pytest.approx(23.49, rel=0.01)
   assert flops.macs_per_call(xl, plan_lib.CACHED, icc_table(0, cfg=xl)) / 1e9 == pytest.approx(0.24, rel=0.05)
   p2 = plan_lib.make_plan(1000, "ddim20", pattern="period:2")
-  assert flops.macs_per_image(cfg, p2, 3.0, table) == 20 * (flops.macs_per_call(cfg) + flops.macs_per_call(
-      cfg, plan_lib.CACHED, table))
+  assert flops.macs_per_image(cfg, p2, 3.0, table) == 20 * (flops.macs_per_call(cfg, plan_lib.FULL, table) +
+                                                             flops.macs_per_call(cfg, plan_lib.CACHED, table))
 
 
 def _count_dots(jaxpr):
@@ -227,7 +228,8 @@ def test_icc_job_end_to_end(tiny_export, tmp_path):
   assert out["cached_steps"] == 2 and 0.5 * fp_macs < out["gmacs_per_image"] < 0.75 * fp_macs
   assert out["macs_vs_full"] == pytest.approx(out["gmacs_per_image"] / fp_macs)
   assert out["icc_params"] == 2 * 4 * (32 * 3 + 96 + 32 + 32 + 32 + 128 + 128 + 32)  # 2 blocks x r x (in+out)
-  assert out["cache_bytes_per_image"] == 2 * 2 * 4 * CFG.num_tokens * (32 + 96 + 32 + 32 + 32 + 128 + 128 + 32)
+  # 2 rows x 2 blocks x 4 bytes x tokens x (y_c: out, x_c B: splits x r) over qkv, proj, fc1, fc2
+  assert out["cache_bytes_per_image"] == 2 * 2 * 4 * CFG.num_tokens * (96 + 3 * 4 + 32 + 4 + 128 + 4 + 32 + 4)
   assert json.load(open(tmp_path / "metrics.json"))["icc_svd"] == "ca"
 
 

@@ -6,7 +6,8 @@ norms, activations and softmax are ignored, as in the DiT paper's Gflops. BitOPs
 Each step of a plan is counted by its kind under the layers' specs: on a step whose kind reads caches, an ICC
 layer costs its low-rank increment, tokens x rank x (splits x in + out); a rank-0 (reuse) layer costs nothing,
 and neither does the work only it consumed (a reused attn/proj makes its block's qkv and attention products
-dead, a reused mlp/fc2 its fc1; the compiled sampler drops them too).
+dead, a reused mlp/fc2 its fc1; the compiled sampler drops them too). On a refresh (full) step an ICC layer of
+rank r > 0 also projects its input for the cache, tokens x rank x splits x in.
 """
 from __future__ import annotations
 
@@ -35,13 +36,15 @@ def dit_layer_macs(cfg: DiTConfig) -> dict[str, int]:
 def step_layer_macs(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecTable = ()) -> dict[str, int]:
   """`dit_layer_macs` of one network call of step kind `kind` under the spec table `table`."""
   macs = dit_layer_macs(cfg)
-  if kind.cache != "read":
-    return macs
   out = dict(macs)
   for path in macs:
     part = spec_lib.resolve(path, table).cache
-    if isinstance(part, caches.ICC):
-      n_in, n_out = _layer_shape(cfg, path)
+    if not isinstance(part, caches.ICC):
+      continue
+    n_in, n_out = _layer_shape(cfg, path)
+    if kind.cache != "read":
+      out[path] += cfg.num_tokens * part.rank * part.splits * n_in
+    else:
       out[path] = cfg.num_tokens * part.rank * (part.splits * n_in + n_out)
       if not part.rank:
         block, name = path.rsplit("/", 2)[0], "/".join(path.rsplit("/", 2)[1:])

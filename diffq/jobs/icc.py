@@ -3,7 +3,7 @@
 The model is the FP export or a quantize job's export (its weight and input parts stay as exported; ICC factors
 the matmul weight the layer actually runs). Channel statistics for CA/CD-SVD come from one statistics pass over
 the model's own full-step trajectory. metrics.json adds `gmacs_per_image` (every step by its kind, low-rank
-terms included) and `macs_vs_full` (its ratio to the same plan with every step full), the ICC settings, `icc_params` (factor entries), `cache_bytes_per_image` (the sampler state,
+terms included) and `macs_vs_full` (its ratio to the same plan with every step full and no caches), the ICC settings, `icc_params` (factor entries), `cache_bytes_per_image` (the sampler state,
 guidance rows included) and `calib_seconds`.
 """
 from __future__ import annotations
@@ -79,6 +79,6 @@ def run(config, workdir: str) -> dict:
   result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, table))
   full = plan_lib.StepPlan(plan.schedule, plan.steps, ("full",) * len(plan.steps))
   result["macs_vs_full"] = result["gmacs_per_image"] * 1e9 / flops.macs_per_image(model_cfg, full,
-                                                                                  config.sample.cfg_scale, table)
+                                                                                  config.sample.cfg_scale)
   common.write_metrics(workdir, result)
   return result

@@ -39,7 +39,7 @@ class Linear(nn.Module):
     y = jnp.dot(s.input(x_in, q, ctx), w.astype(x.dtype))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
-    s.cache.write(self, x, y, ctx.kind)
+    s.cache.write(self, x, y, ctx.kind, q)
     return y
 
   def _variable(self, name: str, v):

@@ -2,13 +2,14 @@
 
 - `NoCache`: the layer computes in full on every step.
 - `ICC` (increment-calibrated caching, Chen et al. CVPR 2025, eq. of research/icc.md §3.2): on a refresh step the
-  layer runs in full and stores its input x_c and output y_c (bias included) in the sampler state (collection
-  `cache`, one row per network row); on a read step it returns
+  layer runs in full and stores its output y_c (bias included) and its projected input x_c B in the sampler state
+  (collection `cache`, one row per network row); on a read step it returns
 
-      y = y_c + ((x - x_c) B) A,        B (in, r), A (r, out),   A B ~ the layer's matmul weight,
+      y = y_c + ((x - x_c) B) A = y_c + (x B - x_c B) A,     B (in, r), A (r, out),   B A ~ the layer's weight,
 
-  factorised separately for each of `splits` equal output chunks (q, k, v of a fused qkv). Rank 0 is naive
-  caching (y = y_c, FORA-style reuse; only y_c is stored). The factors `icc_b` (splits, in, r) and `icc_a`
+  factorised separately for each of `splits` equal output chunks (q, k, v of a fused qkv; x B is one GEMM
+  against the chunks' B side by side). Storing x_c B (splits r wide) rather than x_c (in wide) is the same
+  increment with less state to carry and read. Rank 0 is naive caching (y = y_c, FORA-style reuse). The factors `icc_b` (splits, in, r) and `icc_a`
   (splits, r, out/splits) come from a truncated SVD of the weight, plain or channel-aware (`svd`: 'ca' weights
   output/input channels by their mean magnitudes, 'cd' by the magnitudes of their increments between adjacent
   steps; diffq/cache/icc.py).
@@ -39,7 +40,7 @@ class NoCache:
   def reads(self, kind) -> bool:
     return False
 
-  def write(self, layer, x, y, kind) -> None:
+  def write(self, layer, x, y, kind, q: dict) -> None:
     pass
 
   def deployed(self):
@@ -77,25 +78,31 @@ class ICC:
   def reads(self, kind) -> bool:
     return kind.cache == "read"
 
-  def write(self, layer, x, y, kind) -> None:
-    """On refresh steps of a call whose state is mutable (the sampler's), stores x_c (rank > 0) and y_c."""
+  def write(self, layer, x, y, kind, q: dict) -> None:
+    """On refresh steps of a call whose state is mutable (the sampler's), stores y_c and x_c B (rank > 0)."""
     if kind.cache != "refresh" or not layer.is_mutable_collection(STATE):
       return
     layer.variable(STATE, "y", jnp.zeros, y.shape, y.dtype).value = y
     if self.rank:
-      layer.variable(STATE, "x", jnp.zeros, x.shape, x.dtype).value = x
+      xb = self._project(x, q["icc_b"])
+      layer.variable(STATE, "xb", jnp.zeros, xb.shape, xb.dtype).value = xb
 
   def read(self, layer, x, q: dict):
-    """y_c + ((x - x_c) B) A for the layer's current input x (..., in)."""
+    """y_c + (x B - x_c B) A for the layer's current input x (..., in)."""
     if not layer.has_variable(STATE, "y"):
       raise ValueError(f"Layer {'/'.join(layer.scope.path)} reads its cache on a cached step, but the call has no "
                        "cache state: run cached plans through diffq.sampler.sample with dit.init_state.")
     y = layer.get_variable(STATE, "y")
     if not self.rank:
       return y
-    d = x - layer.get_variable(STATE, "x")
-    inc = jnp.concatenate([(d @ q["icc_b"][s]) @ q["icc_a"][s] for s in range(self.splits)], axis=-1)
-    return y + inc
+    d = self._project(x, q["icc_b"]) - layer.get_variable(STATE, "xb")
+    inc = jnp.einsum("...sr,sro->...so", d, q["icc_a"].astype(d.dtype))
+    return y + inc.reshape(y.shape)
+
+  @staticmethod
+  def _project(x, b):
+    """x (..., in) @ B (splits, in, r) -> (..., splits, r), one GEMM."""
+    return jnp.einsum("...i,sir->...sr", x, b.astype(x.dtype))
 
   def calibrate(self, layer) -> dict:
     return icc.factors(layer.matrix(), layer.stats, self.rank, self.splits, self.svd)
