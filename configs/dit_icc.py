@@ -7,7 +7,7 @@
   python main.py --config=configs/dit_icc.py --config.params=runs/w2a4/quantized.npz --workdir=...  # on W2A4
 
 Step i of the plan is full when i % period == 0 (every layer runs and refreshes its cache) and cached otherwise:
-qkv (q, k, v factorised apart), proj, fc1 and fc2 of every block return y_c + ((x - x_c) B) A, everything else
+qkv (q, k, v factorised apart), proj, fc1 and fc2 of every block return y_c + (x B - x_c B) A, everything else
 (embedders, adaLN, attention, GELU, final layer) is recomputed. `icc.ranks.<type>` sets one layer type's rank;
 `sample.cache_pattern` takes any static F/C pattern instead of the period.
 """
@@ -23,7 +23,8 @@ def get_config(arg=None):
   c.num_devices = 0
   c.distributed = False
   c.icc = dict(ranks=dict(qkv=arg.rank, proj=arg.rank, fc1=arg.rank, fc2=arg.rank),  # per layer type; 0 = reuse
-               svd=arg.svd)                   # plain | ca (channel magnitudes) | cd (their step increments)
+               svd=arg.svd,                   # plain | ca (channel magnitudes) | cd (their step increments)
+               state_dtype="float32")         # the sampler state's dtype: float32 | bfloat16 (half the bytes)
   # Channel statistics for CA/CD-SVD: the model's own DDIM trajectory (full steps, evaluation sampler, other seed).
   c.calib = dict(num_images=8, seed=1000)
   c.sample = sample_config.get_config("quick" if arg.quick else None)

@@ -4,7 +4,8 @@
                                       [--params diffq/assets/dit_fm_ema.npz] [--out icc_speed.md]
 
 A variant is `fp` (DDIM-20, every step full), `pP_rR` (ICC, period P, rank R on the four block linears; r0 = naive
-reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps) or `ddimN` (full DDIM with N steps).
+reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either with a `_bf16` suffix
+(the cache state in bfloat16), or `ddimN` (full DDIM with N steps).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
 alike); the table reports the median and the ratio to `fp`'s median. Factors are plain-SVD (the SVD variant does
@@ -38,12 +39,13 @@ def variant(name: str, model_cfg, params):
   if name == "fp" or name.startswith("ddim"):
     spacing = "ddim20" if name == "fp" else name
     return plan_lib.make_plan(1000, spacing), (), {"params": params}
-  m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)", name)
+  m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(_bf16)?", name)
   if not m:
     raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, pP_rR or <F/C pattern>_rR (see the docstring).")
   schedule, rank = m.group(1), int(m.group(2))
   pattern = f"period:{schedule[1:]}" if schedule.startswith("p") else schedule
-  table, variables = icc.add_caches(model_cfg, {"params": params}, (), dict.fromkeys(rules.ICC_LAYERS, rank), "plain")
+  table, variables = icc.add_caches(model_cfg, {"params": params}, (), dict.fromkeys(rules.ICC_LAYERS, rank), "plain",
+                                    state_dtype="bfloat16" if m.group(3) else "float32")
   return plan_lib.make_plan(1000, "ddim20", pattern=pattern), table, variables
 
 

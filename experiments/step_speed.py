@@ -2,9 +2,12 @@
 naive-caching cached call, same CFG batch, one run, interleaved repeats, median.
 
   python experiments/step_speed.py [--ranks 0,8,16] [--batch 100] [--repeats 20] [--out icc_step_speed.md]
+  python experiments/step_speed.py --preset DiT-XL/2 --ranks 0,128 --batch 2 --repeats 5   # the paper's width
 
 `--ranks` items are one rank for the four block linears, or per layer type, e.g. `qkv=0/proj=0/fc1=8/fc2=8`
-(a reused attention branch is dead on cached steps: this times the MLP side alone).
+(a reused attention branch is dead on cached steps: this times the MLP side alone). `--preset` times a
+randomly initialised DiT preset instead of the committed model (the cost does not depend on the weights'
+values), to see how the ratios change with the layer width.
 """
 from __future__ import annotations
 
@@ -34,9 +37,14 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=100)
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--params", default="diffq/assets/dit_fm_ema.npz")
+  ap.add_argument("--preset", default="", help="a dit.preset name, randomly initialised, instead of --params")
   ap.add_argument("--out", default="icc_step_speed.md")
   args = ap.parse_args()
-  cfg, params = sample.load_dit(os.path.join(ROOT, args.params))
+  if args.preset:
+    cfg = dit.preset(args.preset)
+    params = jax.jit(dit.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  else:
+    cfg, params = sample.load_dit(os.path.join(ROOT, args.params))
   x = jax.random.normal(jax.random.key(0), (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels))
   t, y = jnp.full((args.batch,), 500), jnp.arange(args.batch) % cfg.num_classes
   calls = {}
@@ -61,7 +69,8 @@ def main() -> None:
       times.append(time.perf_counter() - t0)
   ref = float(np.median(calls["fp full (no caches)"][3]))
   cmd = "python experiments/step_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-  lines = ["# One network call by step kind", "", f"Batch {args.batch} images (CFG: {2 * args.batch} rows), "
+  model = args.preset + " (random weights)" if args.preset else args.params
+  lines = ["# One network call by step kind", "", f"{model}, batch {args.batch} images (CFG: {2 * args.batch} rows), "
            f"{args.repeats} interleaved repeats after compilation, {os.cpu_count()} CPU cores. Command: `{cmd}`", "",
            "| call | median ms | vs fp full |", "|---|---|---|"]
   for name, (_, _, _, times) in calls.items():

@@ -66,6 +66,27 @@ def test_full_rank_plain_svd_equals_full_compute(model):
   assert float(jnp.abs(stale - full).max()) > 100 * float(jnp.abs(read - full).max())  # reuse is far off
 
 
+def test_bfloat16_state_is_the_float32_read_of_the_rounded_state(model):
+  """Reference: the float32-state read with the state rounded to bfloat16 by hand (same rounding, no other change)."""
+  cfg, params, cal = model
+  table = icc_table(8)
+  quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
+  v = {"params": params, "quant": quant}
+  x0, x1, t, y = inputs()
+  _, _, state = refresh_then_read(cfg, v, table, x0, x1, t, y)
+  rounded = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), state)
+  fn = lambda tab, st: dit.model_fn(dit.DiT(config=cfg, specs=tab))(v, st, x1, t - 50, y, CACHED)[0]
+  want = fn(table, rounded)
+  bf16 = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(dict.fromkeys(rules.ICC_LAYERS, 8), "plain",
+                                                                        "bfloat16"), "cache")
+  _, _, state16 = refresh_then_read(cfg, v, bf16, x0, x1, t, y)
+  assert {a.dtype for a in jax.tree.leaves(state16)} == {jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_allclose(fn(bf16, state16), want, rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(fn(table, state) - want).max()) > 1e-4  # the rounding is visible, so the check can fail
+  with pytest.raises(ValueError, match="Unknown ICC state_dtype"):
+    caches.ICC(4, state_dtype="float16")
+
+
 def test_rank_zero_equals_naive_reuse_of_the_branch_outputs(model):
   """Reference: the FP network with each block's attn/proj and mlp/fc2 outputs replaced by those of the refresh
   step (FORA-style reuse), written with an interceptor, independent of the cache part."""

@@ -38,18 +38,20 @@ def check_settings(config, mesh):
   return plan
 
 
-def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibration_set=None) -> tuple:
+def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibration_set=None,
+               state_dtype: str = "float32") -> tuple:
   """(spec table, variables) of the model `variables` runs under `base_table`, with ICC cache parts at `ranks`
   ({layer type: rank}) and their factors; `calibration_set()` is called for the statistics pass only if the
   SVD needs channel statistics."""
-  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd), "cache")
+  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd, state_dtype),
+                              "cache")
   cal = calibration_set() if any(s.cache.stats for _, s in table) else None
   quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
   return table, {**variables, "quant": jax.device_get(quant)}
 
 
 def cache_bytes_per_image(model_cfg, variables, table, cfg_scale: float) -> int:
-  """Bytes of the sampler state (x_c, y_c of every cached layer) one image carries."""
+  """Bytes of the sampler state (y_c and x_c B of every cached layer) one image carries."""
   model = dit.DiT(config=model_cfg, specs=tuple(table))
   rows = 2 if cfg_scale != 1.0 else 1
   state = jax.eval_shape(lambda v: dit.init_state(model, v, rows), variables)
@@ -65,7 +67,7 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   table, variables = add_caches(
       model_cfg, variables, base_table, dict(config.icc.ranks), config.icc.svd,
-      lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table))
+      lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table), config.icc.state_dtype)
   calib_seconds = time.time() - t0
   icc_params = sum(int(np.size(v)) for k, v in npz.flatten(variables["quant"]).items()
                    if k.endswith(("icc_a", "icc_b")))

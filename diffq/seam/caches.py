@@ -9,7 +9,8 @@
 
   factorised separately for each of `splits` equal output chunks (q, k, v of a fused qkv; x B is one GEMM
   against the chunks' B side by side). Storing x_c B (splits r wide) rather than x_c (in wide) is the same
-  increment with less state to carry and read. Rank 0 is naive caching (y = y_c, FORA-style reuse). The factors `icc_b` (splits, in, r) and `icc_a`
+  increment with less state to carry and read. Rank 0 is naive caching (y = y_c, FORA-style reuse).
+  `state_dtype` 'bfloat16' stores y_c and x_c B in bfloat16 (half the state bytes; read back as float32). The factors `icc_b` (splits, in, r) and `icc_a`
   (splits, r, out/splits) come from a truncated SVD of the weight, plain or channel-aware (`svd`: 'ca' weights
   output/input channels by their mean magnitudes, 'cd' by the magnitudes of their increments between adjacent
   steps; diffq/cache/icc.py).
@@ -25,6 +26,7 @@ from diffq.cache import icc
 from diffq.seam.variables import Variable
 
 SVDS = ("plain", "ca", "cd")
+STATE_DTYPES = ("float32", "bfloat16")
 STATE = "cache"  # the variable collection the sampler carries from step to step
 
 
@@ -54,12 +56,15 @@ class ICC:
   rank: int = 0
   splits: int = 1
   svd: str = "plain"
+  state_dtype: str = "float32"
 
   def __post_init__(self):
     if self.rank < 0 or self.splits < 1:
       raise ValueError(f"ICC needs rank >= 0 and splits >= 1; got rank={self.rank}, splits={self.splits}.")
     if self.svd not in SVDS:
       raise ValueError(f"Unknown ICC factorisation {self.svd!r}; choose one of {SVDS}.")
+    if self.state_dtype not in STATE_DTYPES:
+      raise ValueError(f"Unknown ICC state_dtype {self.state_dtype!r}; choose one of {STATE_DTYPES}.")
 
   @property
   def stats(self) -> tuple[str, ...]:
@@ -82,20 +87,20 @@ class ICC:
     """On refresh steps of a call whose state is mutable (the sampler's), stores y_c and x_c B (rank > 0)."""
     if kind.cache != "refresh" or not layer.is_mutable_collection(STATE):
       return
-    layer.variable(STATE, "y", jnp.zeros, y.shape, y.dtype).value = y
+    layer.variable(STATE, "y", jnp.zeros, y.shape, self.state_dtype).value = y.astype(self.state_dtype)
     if self.rank:
       xb = self._project(x, q["icc_b"])
-      layer.variable(STATE, "xb", jnp.zeros, xb.shape, xb.dtype).value = xb
+      layer.variable(STATE, "xb", jnp.zeros, xb.shape, self.state_dtype).value = xb.astype(self.state_dtype)
 
   def read(self, layer, x, q: dict):
     """y_c + (x B - x_c B) A for the layer's current input x (..., in)."""
     if not layer.has_variable(STATE, "y"):
       raise ValueError(f"Layer {'/'.join(layer.scope.path)} reads its cache on a cached step, but the call has no "
                        "cache state: run cached plans through diffq.sampler.sample with dit.init_state.")
-    y = layer.get_variable(STATE, "y")
+    y = layer.get_variable(STATE, "y").astype(x.dtype)
     if not self.rank:
       return y
-    d = self._project(x, q["icc_b"]) - layer.get_variable(STATE, "xb")
+    d = self._project(x, q["icc_b"]) - layer.get_variable(STATE, "xb").astype(x.dtype)
     inc = jnp.einsum("...sr,sro->...so", d, q["icc_a"].astype(d.dtype))
     return y + inc.reshape(y.shape)
 

@@ -33,10 +33,11 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 
 
-def icc_rules(ranks, svd: str) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+def icc_rules(ranks, svd: str, state_dtype: str = "float32") -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
   """(glob, spec whose cache part is ICC at that layer type's rank) for every type in `ranks` ({type: rank})."""
   unknown = sorted(set(ranks) - set(ICC_LAYERS))
   if unknown:
     raise ValueError(f"Unknown ICC layer types {unknown} in icc.ranks; known: {sorted(ICC_LAYERS)}.")
-  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], svd)))
+  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], svd,
+                                                                                       state_dtype)))
                for name, rank in ranks.items())
