@@ -8,8 +8,9 @@ reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either 
 (the cache state in bfloat16), or `ddimN` (full DDIM with N steps).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
-alike); the table reports the median and the ratio to `fp`'s median. Factors are plain-SVD (the SVD variant does
-not change the cost). Writes experiments/results/<out>.
+alike); the table reports the median, the ratio to `fp`'s median, and the median (with quartiles) of the
+per-repeat ratios fp_i / variant_i, which pairs runs done back to back (the machine's slow spells cancel).
+Factors are plain-SVD (the SVD variant does not change the cost). Writes experiments/results/<out>.
 """
 from __future__ import annotations
 
@@ -88,12 +89,14 @@ def main() -> None:
            f"Compiled sampler alone (no scoring, no host transfer beyond the result), batch {args.batch} images "
            f"(CFG 3: {2 * args.batch} network rows), {len(jax.devices())} device(s), {os.cpu_count()} CPU cores; "
            f"{args.repeats} interleaved repeats after a compile run. Command: `{cmd}`", "",
-           "| variant | GMACs/image | MACs vs fp | median s | min s | max s | speed-up vs fp (median) |",
-           "|---|---|---|---|---|---|---|"]
+           "| variant | GMACs/image | MACs vs fp | median s | min s | max s | speed-up vs fp (medians) | "
+           "paired speed-up vs fp, median [IQR] |",
+           "|---|---|---|---|---|---|---|---|"]
   for name, run in runs.items():
     t = np.array(run["times"])
     lines.append(f"| {name} | {run['gmacs']:.3f} | {run['gmacs'] / runs['fp']['gmacs']:.3f} | {np.median(t):.2f} | "
-                 f"{t.min():.2f} | {t.max():.2f} | {fp / np.median(t):.2f}x |")
+                 f"{t.min():.2f} | {t.max():.2f} | {fp / np.median(t):.2f}x | "
+                 f"{report.paired_speedup(runs['fp']['times'], t)} |")
   report.write_markdown(args.out, lines)
 
 

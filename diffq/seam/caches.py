@@ -101,13 +101,17 @@ class ICC:
     if not self.rank:
       return y
     d = self._project(x, q["icc_b"]) - layer.get_variable(STATE, "xb").astype(x.dtype)
-    inc = jnp.einsum("...sr,sro->...so", d, q["icc_a"].astype(d.dtype))
-    return y + inc.reshape(y.shape)
+    a = q["icc_a"].astype(d.dtype)
+    # plain 2-D dots per chunk: a batched einsum over chunks makes XLA emit the output transposed, and the
+    # consumers (GELU, the qkv split) then read it strided, which costs more than the low-rank matmuls
+    return y + jnp.concatenate([d[..., s, :] @ a[s] for s in range(self.splits)], axis=-1)
 
   @staticmethod
   def _project(x, b):
-    """x (..., in) @ B (splits, in, r) -> (..., splits, r), one GEMM."""
-    return jnp.einsum("...i,sir->...sr", x, b.astype(x.dtype))
+    """x (..., in) @ B (splits, in, r) -> (..., splits, r), one GEMM against the chunks' B side by side."""
+    splits, n_in, r = b.shape
+    b = jnp.transpose(b, (1, 0, 2)).reshape(n_in, splits * r).astype(x.dtype)
+    return (x @ b).reshape(*x.shape[:-1], splits, r)
 
   def calibrate(self, layer) -> dict:
     return icc.factors(layer.matrix(), layer.stats, self.rank, self.splits, self.svd)
