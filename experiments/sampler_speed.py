@@ -5,8 +5,8 @@
 
 A variant is `fp` (DDIM-20, every step full), `pP_rR` (ICC, period P, rank R on the four block linears; r0 = naive
 reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either with `_rA-M` instead of `_rR`
-(rank A on the attention linears, M on the MLP's) and with a `_bf16` suffix (the cache state in bfloat16), or
-`ddimN` (full DDIM with N steps).
+(rank A on the attention linears, M on the MLP's), a `_bf16` suffix (the cache state in bfloat16) and a `_chain`
+suffix (the MLP as one increment through the linearised GELU), or `ddimN` (full DDIM with N steps).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
 alike); the table reports the median, the ratio to `fp`'s median, and the median (with quartiles) of the
@@ -41,14 +41,15 @@ def variant(name: str, model_cfg, params):
   if name == "fp" or name.startswith("ddim"):
     spacing = "ddim20" if name == "fp" else name
     return plan_lib.make_plan(1000, spacing), (), {"params": params}
-  m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(?:-(\d+))?(_bf16)?", name)
+  m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(?:-(\d+))?(_bf16)?(_chain)?", name)
   if not m:
     raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, pP_rR or <F/C pattern>_rR (see the docstring).")
   schedule, attn, mlp = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
   pattern = f"period:{schedule[1:]}" if schedule.startswith("p") else schedule
   ranks = dict(qkv=attn, proj=attn, fc1=mlp, fc2=mlp)
   table, variables = icc.add_caches(model_cfg, {"params": params}, (), ranks, "plain",
-                                    state_dtype="bfloat16" if m.group(4) else "float32")
+                                    state_dtype="bfloat16" if m.group(4) else "float32",
+                                    mlp="chain" if m.group(5) else "layers")
   return plan_lib.make_plan(1000, "ddim20", pattern=pattern), table, variables
 
 

@@ -5,7 +5,8 @@ naive-caching cached call, same CFG batch, one run, interleaved repeats, median.
   python experiments/step_speed.py --preset DiT-XL/2 --ranks 0,128 --batch 2 --repeats 5   # the paper's width
 
 `--ranks` items are one rank for the four block linears, or per layer type, e.g. `qkv=0/proj=0/fc1=8/fc2=8`
-(a reused attention branch is dead on cached steps: this times the MLP side alone). `--preset` times a
+(a reused attention branch is dead on cached steps: this times the MLP side alone); a `+chain` suffix runs the
+MLP as one increment through the linearised GELU (icc.mlp='chain'). `--preset` times a
 randomly initialised DiT preset instead of the committed model (the cost does not depend on the weights'
 values), to see how the ratios change with the layer width.
 """
@@ -49,8 +50,10 @@ def main() -> None:
   t, y = jnp.full((args.batch,), 500), jnp.arange(args.batch) % cfg.num_classes
   calls = {}
   for rank in args.ranks.split(","):
-    ranks = dict(item.split("=") for item in rank.split("/")) if "=" in rank else dict.fromkeys(rules.ICC_LAYERS, rank)
-    table, v = icc.add_caches(cfg, {"params": params}, (), {k: int(r) for k, r in ranks.items()}, "plain")
+    spec, chain = rank.removesuffix("+chain"), rank.endswith("+chain")
+    ranks = dict(item.split("=") for item in spec.split("/")) if "=" in spec else dict.fromkeys(rules.ICC_LAYERS, spec)
+    table, v = icc.add_caches(cfg, {"params": params}, (), {k: int(r) for k, r in ranks.items()}, "plain",
+                              mlp="chain" if chain else "layers")
     model = dit.DiT(config=cfg, specs=table)
     state = dit.init_state(model, v, 2 * args.batch)
     for kind in (plan_lib.FULL, plan_lib.CACHED):

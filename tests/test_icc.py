@@ -23,9 +23,9 @@ CFG = dit.preset("FM", hidden_size=32, depth=2, num_heads=2)
 CACHED = plan_lib.StepContext(1, plan_lib.CACHED)
 
 
-def icc_table(rank, svd="plain", cfg=CFG):
-  return spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(dict.fromkeys(rules.ICC_LAYERS, rank), svd),
-                             "cache")
+def icc_table(rank, svd="plain", cfg=CFG, mlp="layers", ranks=None):
+  ranks = ranks or dict.fromkeys(rules.ICC_LAYERS, rank)
+  return spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(ranks, svd, "float32", mlp), "cache")
 
 
 class _ns(dict):
@@ -85,6 +85,51 @@ def test_bfloat16_state_is_the_float32_read_of_the_rounded_state(model):
   assert float(jnp.abs(fn(table, state) - want).max()) > 1e-4  # the rounding is visible, so the check can fail
   with pytest.raises(ValueError, match="Unknown ICC state_dtype"):
     caches.ICC(4, state_dtype="float16")
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_chained_mlp_is_the_linearised_mlp_through_the_factors(model, rank):
+  """Reference (numpy, float64): y2_c + ((x - x_c) B1) A1 diag(GELU'(y1_c)) B2) A2 per block, with the factors
+  the calibration wrote; at full rank (32) the factors are the weights, so this is the MLP's Jacobian step."""
+  cfg, params, _ = model
+  table = icc_table(rank, mlp="chain", ranks=dict(fc1=rank, fc2=rank))
+  quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
+  v = {"params": params, "quant": quant}
+  captured = {}
+
+  def keep(next_fun, args, kwargs, context):  # the MLPs' inputs on the read step
+    if isinstance(context.module, dit.MLP) and context.method_name == "__call__":
+      captured["/".join(context.module.scope.path)] = np.asarray(args[0], np.float64)
+    return next_fun(*args, **kwargs)
+
+  x0, x1, t, y = inputs()
+  m = dit.DiT(config=cfg, specs=table)
+  fresh = dit.init_state(m, v, x0.shape[0])
+  fn = dit.model_fn(m)
+  _, state = fn(v, fresh, x0, t, y, plan_lib.StepContext(0))
+  gelu_grad = lambda u: np.asarray(jax.vmap(jax.grad(lambda z: nn.gelu(z, approximate=True)))(
+      jnp.asarray(u.ravel(), jnp.float32)), np.float64).reshape(u.shape)
+  for i in range(cfg.depth):
+    path = f"blocks_{i}/mlp"
+    f1, f2 = quant[f"blocks_{i}"]["mlp"]["fc1"], quant[f"blocks_{i}"]["mlp"]["fc2"]
+    b1, a1, b2, a2 = (np.asarray(a[0], np.float64) for a in (f1["icc_b"], f1["icc_a"], f2["icc_b"], f2["icc_a"]))
+    if rank == 32:
+      p = params[f"blocks_{i}"]["mlp"]
+      np.testing.assert_allclose(b1 @ a1, p["fc1"]["kernel"], atol=1e-5)
+      np.testing.assert_allclose(b2 @ a2, p["fc2"]["kernel"], atol=1e-5)
+    st = state["cache"][f"blocks_{i}"]["mlp"]
+    with nn.intercept_methods(keep):  # the refresh step's MLP input x_c
+      fn(v, fresh, x0, t, y, plan_lib.StepContext(0))
+    xc = captured[path]
+    y1c = xc @ np.asarray(params[f"blocks_{i}"]["mlp"]["fc1"]["kernel"], np.float64) + \
+        np.asarray(params[f"blocks_{i}"]["mlp"]["fc1"]["bias"], np.float64)
+    with nn.intercept_methods(keep):
+      fn(v, state, x1, t - 50, y, CACHED)
+    dx = captured[path] - xc
+    want = np.asarray(st["fc2"]["y"], np.float64) + (((dx @ b1 @ a1) * gelu_grad(y1c)) @ b2) @ a2
+    got = caches.chain_read(dit.MLP(hidden=4 * cfg.hidden_size).bind(
+        {"quant": quant[f"blocks_{i}"]["mlp"], "cache": st}), jnp.asarray(captured[path], jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_rank_zero_equals_naive_reuse_of_the_branch_outputs(model):
@@ -151,9 +196,10 @@ def test_channel_aware_factors_come_from_one_statistics_pass(model):
   assert np.isfinite(cd["blocks_1"]["mlp"]["fc2"]["icc_a"]).all()
 
 
-def test_cached_step_macs_match_traced_matmuls_and_the_paper():
+@pytest.mark.parametrize("mlp", ["layers", "chain"])
+def test_cached_step_macs_match_traced_matmuls_and_the_paper(mlp):
   cfg = dit.preset("FM", hidden_size=64, depth=2, num_heads=4)
-  table = icc_table(8, cfg=cfg)
+  table = icc_table(8, cfg=cfg, mlp=mlp, ranks=dict(qkv=8, proj=8, fc1=8, fc2=4))
   v = jax.eval_shape(lambda: dit.DiT(config=cfg, specs=table).init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 1)), jnp.zeros(1, int), jnp.zeros(1, int)))
   v = {k: c for k, c in v.items() if k != "cache"}
@@ -164,6 +210,9 @@ def test_cached_step_macs_match_traced_matmuls_and_the_paper():
                                                jnp.zeros(1, int), c)
     traced = _count_dots(jax.make_jaxpr(fn)(v, state).jaxpr)
     assert flops.macs_per_call(cfg, ctx.kind, table) == traced
+  if mlp == "chain":
+    return
+  table = icc_table(8, cfg=cfg)
   assert flops.macs_per_call(cfg, plan_lib.FULL) == jaxpr_dot_macs(cfg)[0]
   # research/icc.md §6, DiT-XL/2 at 256^2: full 118.62 G, ICC r = 128 23.49 G, reuse only 0.24 G per call
   xl = dit.preset("DiT-XL/2")
@@ -212,6 +261,12 @@ def test_bad_plans_and_specs_are_clear_errors(tiny_export, tmp_path):
     rules.icc_rules(dict(qkvv=4), "ca")
   with pytest.raises(ValueError, match="Unknown ICC factorisation"):
     caches.ICC(4, svd="fisher")
+  with pytest.raises(ValueError, match="needs ICC ranks > 0 on fc1 and fc2"):
+    rules.icc_rules(dict(fc1=4, fc2=0), "plain", mlp="chain")
+  with pytest.raises(ValueError, match="Unknown icc.mlp"):
+    rules.icc_rules(dict(fc1=4), "plain", mlp="fused")
+  with pytest.raises(ValueError, match=r"needs ICC\(chain='first'\) on fc1"):
+    caches.chained(caches.ICC(4, chain="first"), caches.ICC(4))
   with pytest.raises(ValueError, match="exceeds the rank"):
     icc.weighted_svd(np.ones((4, 3)), 5)
   c = job_cfg(tiny_export)

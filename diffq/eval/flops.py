@@ -7,7 +7,9 @@ Each step of a plan is counted by its kind under the layers' specs: on a step wh
 layer costs its low-rank increment, tokens x rank x (splits x in + out); a rank-0 (reuse) layer costs nothing,
 and neither does the work only it consumed (a reused attn/proj makes its block's qkv and attention products
 dead, a reused mlp/fc2 its fc1; the compiled sampler drops them too). On a refresh (full) step an ICC layer of
-rank r > 0 also projects its input for the cache, tokens x rank x splits x in.
+rank r > 0 also projects its input for the cache, tokens x rank x splits x in. A chained MLP (ICC through the
+GELU) costs tokens x (r1 x in + r1 x r2 + r2 x out) on a cached step, and its refresh step computes
+M_t = A1 diag(g) B2 (tokens x r1 x hidden x r2) instead of fc2's input projection.
 """
 from __future__ import annotations
 
@@ -42,10 +44,16 @@ def step_layer_macs(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecT
     if not isinstance(part, caches.ICC):
       continue
     n_in, n_out = _layer_shape(cfg, path)
-    if kind.cache != "read":
-      out[path] += cfg.num_tokens * part.rank * part.splits * n_in
+    t, r = cfg.num_tokens, part.rank
+    if part.chain == "last":  # r1 = the chain's fc1 rank; fc2's in = the hidden width
+      r1 = spec_lib.resolve(path[:-len("fc2")] + "fc1", table).cache.rank
+      out[path] = macs[path] + t * r1 * n_in * r if kind.cache != "read" else t * r * (r1 + n_out)
+    elif kind.cache != "read":
+      out[path] += t * r * part.splits * n_in
+    elif part.chain == "first":
+      out[path] = t * r * n_in
     else:
-      out[path] = cfg.num_tokens * part.rank * (part.splits * n_in + n_out)
+      out[path] = t * r * (part.splits * n_in + n_out)
       if not part.rank:
         block, name = path.rsplit("/", 2)[0], "/".join(path.rsplit("/", 2)[1:])
         out.update({f"{block}/{dead}": 0 for dead in FEEDS.get(name, ())})

@@ -31,7 +31,8 @@ def check_settings(config, mesh):
                      "'period:p' with p >= 2 or a pattern with C steps (the FP model samples with configs/sample.py).")
   if any(not isinstance(r, int) or r < 0 for r in config.icc.ranks.values()):
     raise ValueError(f"icc.ranks must be integers >= 0 (0 = naive reuse); got {dict(config.icc.ranks)}.")
-  rules.icc_rules(config.icc.ranks, config.icc.svd)  # raises on an unknown layer type or SVD
+  # raises on an unknown layer type, SVD, state dtype or MLP mode
+  rules.icc_rules(config.icc.ranks, config.icc.svd, config.icc.state_dtype, config.icc.mlp)
   if config.calib.num_images < 1:
     raise ValueError(f"calib.num_images must be >= 1; got {config.calib.num_images}.")
   parallel.check_batch_divisible(config.calib.num_images, mesh)
@@ -39,11 +40,11 @@ def check_settings(config, mesh):
 
 
 def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibration_set=None,
-               state_dtype: str = "float32") -> tuple:
+               state_dtype: str = "float32", mlp: str = "layers") -> tuple:
   """(spec table, variables) of the model `variables` runs under `base_table`, with ICC cache parts at `ranks`
   ({layer type: rank}) and their factors; `calibration_set()` is called for the statistics pass only if the
   SVD needs channel statistics."""
-  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd, state_dtype),
+  table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd, state_dtype, mlp),
                               "cache")
   cal = calibration_set() if any(s.cache.stats for _, s in table) else None
   quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
@@ -67,13 +68,15 @@ def run(config, workdir: str) -> dict:
   t0 = time.time()
   table, variables = add_caches(
       model_cfg, variables, base_table, dict(config.icc.ranks), config.icc.svd,
-      lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table), config.icc.state_dtype)
+      lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table), config.icc.state_dtype,
+      config.icc.mlp)
   calib_seconds = time.time() - t0
   icc_params = sum(int(np.size(v)) for k, v in npz.flatten(variables["quant"]).items()
                    if k.endswith(("icc_a", "icc_b")))
   logging.info("ICC factors ready in %.1f s (%d entries); sampling with pattern %s.", calib_seconds, icc_params,
                "".join("C" if k.cache == "read" else "F" for k in plan.step_kinds))
-  result = dict(icc_svd=config.icc.svd, cache_pattern=config.sample.cache_pattern,
+  result = dict(icc_svd=config.icc.svd, icc_mlp=config.icc.mlp, icc_state_dtype=config.icc.state_dtype,
+                cache_pattern=config.sample.cache_pattern,
                 **{f"icc_rank_{k}": v for k, v in config.icc.ranks.items()}, icc_params=icc_params,
                 cached_steps=sum(k.cache == "read" for k in plan.step_kinds), calib_seconds=calib_seconds,
                 cache_bytes_per_image=cache_bytes_per_image(model_cfg, variables, table, config.sample.cfg_scale),

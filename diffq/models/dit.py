@@ -152,9 +152,19 @@ class MLP(_SpecScope):
 
   @nn.compact
   def __call__(self, x, ctx):
-    d = x.shape[-1]
-    x = nn.gelu(self.linear("fc1", self.hidden)(x, ctx), approximate=True)
-    return self.linear("fc2", d)(x, ctx)
+    fc1, fc2 = self.linear("fc1", self.hidden), self.linear("fc2", x.shape[-1])
+    chained = caches.chained(fc1.spec.cache, fc2.spec.cache)  # ICC through the GELU (seam/caches.py)
+    if chained and ctx.kind.cache == "read":
+      return caches.chain_read(self, x)
+    y1 = fc1(x, ctx)
+    y = fc2(_gelu(y1), ctx)
+    if chained:
+      caches.chain_write(self, y1, _gelu, ctx.kind, fc2.spec.cache.state_dtype)
+    return y
+
+
+def _gelu(x):
+  return nn.gelu(x, approximate=True)
 
 
 class TimestepEmbedder(_SpecScope):

@@ -10,7 +10,14 @@
   factorised separately for each of `splits` equal output chunks (q, k, v of a fused qkv; x B is one GEMM
   against the chunks' B side by side). Storing x_c B (splits r wide) rather than x_c (in wide) is the same
   increment with less state to carry and read. Rank 0 is naive caching (y = y_c, FORA-style reuse).
-  `state_dtype` 'bfloat16' stores y_c and x_c B in bfloat16 (half the state bytes; read back as float32). The factors `icc_b` (splits, in, r) and `icc_a`
+  `state_dtype` 'bfloat16' stores y_c and x_c B in bfloat16 (half the state bytes; read back as float32).
+- ICC through an activation (`chain`, set on the MLP's fc1 'first' and fc2 'last'): on cached steps the MLP
+  does not rebuild its 4C-wide hidden layer; with GELU linearised at the refresh point,
+
+      y2 = y2_c + ((x B1 - x_c B1) M_t) A2,     M_t = A1 diag(GELU'(y1_c)) B2   (r1 x r2, per token),
+
+  the first-order increment of the whole MLP through both layers' factors (exact at full rank to first order:
+  the MLP's Jacobian at x_c). fc1 stores x_c B1, fc2 stores y2_c, the MLP stores M_t (`chain_write`). The factors `icc_b` (splits, in, r) and `icc_a`
   (splits, r, out/splits) come from a truncated SVD of the weight, plain or channel-aware (`svd`: 'ca' weights
   output/input channels by their mean magnitudes, 'cd' by the magnitudes of their increments between adjacent
   steps; diffq/cache/icc.py).
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 
 from diffq.cache import icc
@@ -27,6 +35,7 @@ from diffq.seam.variables import Variable
 
 SVDS = ("plain", "ca", "cd")
 STATE_DTYPES = ("float32", "bfloat16")
+CHAIN_ROLES = ("", "first", "last")  # ICC.chain: not chained, or the first / last layer of a chained MLP
 STATE = "cache"  # the variable collection the sampler carries from step to step
 
 
@@ -57,6 +66,7 @@ class ICC:
   splits: int = 1
   svd: str = "plain"
   state_dtype: str = "float32"
+  chain: str = ""
 
   def __post_init__(self):
     if self.rank < 0 or self.splits < 1:
@@ -65,6 +75,11 @@ class ICC:
       raise ValueError(f"Unknown ICC factorisation {self.svd!r}; choose one of {SVDS}.")
     if self.state_dtype not in STATE_DTYPES:
       raise ValueError(f"Unknown ICC state_dtype {self.state_dtype!r}; choose one of {STATE_DTYPES}.")
+    if self.chain not in CHAIN_ROLES:
+      raise ValueError(f"Unknown ICC chain role {self.chain!r}; choose one of {CHAIN_ROLES}.")
+    if self.chain and (not self.rank or self.splits != 1):
+      raise ValueError(f"A chained ICC layer needs rank > 0 and one output split; got rank={self.rank}, "
+                       f"splits={self.splits}.")
 
   @property
   def stats(self) -> tuple[str, ...]:
@@ -87,13 +102,17 @@ class ICC:
     """On refresh steps of a call whose state is mutable (the sampler's), stores y_c and x_c B (rank > 0)."""
     if kind.cache != "refresh" or not layer.is_mutable_collection(STATE):
       return
-    layer.variable(STATE, "y", jnp.zeros, y.shape, self.state_dtype).value = y.astype(self.state_dtype)
-    if self.rank:
+    if self.chain != "first":
+      layer.variable(STATE, "y", jnp.zeros, y.shape, self.state_dtype).value = y.astype(self.state_dtype)
+    if self.rank and self.chain != "last":
       xb = self._project(x, q["icc_b"])
       layer.variable(STATE, "xb", jnp.zeros, xb.shape, self.state_dtype).value = xb.astype(self.state_dtype)
 
   def read(self, layer, x, q: dict):
     """y_c + (x B - x_c B) A for the layer's current input x (..., in)."""
+    if self.chain:
+      raise ValueError(f"Layer {'/'.join(layer.scope.path)} is part of a chained MLP cache: its MLP reads the "
+                       "chain (caches.chain_read) and the layer is not called on cached steps.")
     if not layer.has_variable(STATE, "y"):
       raise ValueError(f"Layer {'/'.join(layer.scope.path)} reads its cache on a cached step, but the call has no "
                        "cache state: run cached plans through diffq.sampler.sample with dit.init_state.")
@@ -118,6 +137,42 @@ class ICC:
 
   def deployed(self):
     return self
+
+
+def chained(first, last) -> bool:
+  """Whether an MLP with these fc1 / fc2 cache parts runs ICC through its activation (a half-set chain is an
+  error)."""
+  roles = (getattr(first, "chain", ""), getattr(last, "chain", ""))
+  if roles == ("", ""):
+    return False
+  if roles != ("first", "last"):
+    raise ValueError(f"A chained MLP cache needs ICC(chain='first') on fc1 and ICC(chain='last') on fc2; got "
+                     f"{first} and {last}. Set icc.mlp for both layers (seam.rules.icc_rules).")
+  return True
+
+
+def chain_write(mlp, y1, activation, kind, state_dtype: str) -> None:
+  """On refresh steps: M_t = A1 diag(activation'(y1_c)) B2 (..., r1, r2) of the MLP's hidden pre-activation
+  y1 (..., hidden), stored in the MLP's own state (`mlp` is the flax module of fc1 and fc2)."""
+  if kind.cache != "refresh" or not mlp.is_mutable_collection(STATE):
+    return
+  q = mlp.variables["quant"]
+  _, g = jax.jvp(activation, (y1,), (jnp.ones_like(y1),))  # elementwise activation: its derivative at y1
+  a1, b2 = q["fc1"]["icc_a"][0].astype(g.dtype), q["fc2"]["icc_b"][0].astype(g.dtype)
+  w = a1.T[:, :, None] * b2[:, None, :]  # (hidden, r1, r2): M_t = sum_h g_th A1[:, h] B2[h, :], one GEMM
+  m = (g @ w.reshape(w.shape[0], -1)).reshape(*g.shape[:-1], *w.shape[1:])
+  mlp.variable(STATE, "m", jnp.zeros, m.shape, state_dtype).value = m.astype(state_dtype)
+
+
+def chain_read(mlp, x):
+  """y2_c + ((x B1 - x_c B1) M_t) A2 for the MLP's input x (..., in)."""
+  q, st = mlp.variables["quant"], mlp.variables.get(STATE, {})
+  if "m" not in st:
+    raise ValueError(f"MLP {'/'.join(mlp.scope.path)} reads its chained cache, but the call has no cache state: "
+                     "run cached plans through diffq.sampler.sample with dit.init_state.")
+  b1, a2 = q["fc1"]["icc_b"][0].astype(x.dtype), q["fc2"]["icc_a"][0].astype(x.dtype)
+  d = x @ b1 - st["fc1"]["xb"][..., 0, :].astype(x.dtype)
+  return st["fc2"]["y"].astype(x.dtype) + jnp.einsum("...r,...rs->...s", d, st["m"].astype(x.dtype)) @ a2
 
 
 def reuse() -> ICC:

@@ -3,7 +3,7 @@
 `quant_table(config.quant, steps)`: MPQ-DM's layout. Layers matching `keep_8bit` get W8A8 per-channel weights
 and per-step inputs, no smoothing/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
 W`w_bits`A`a_bits` with the configured options, and trains in distillation when it carries LoRA.
-`icc_rules(ranks, svd)`: the ICC cache part on the block linears, one rank per layer type.
+`icc_rules(ranks, svd, state_dtype, mlp)`: the ICC cache part on the block linears, one rank per layer type.
 """
 from __future__ import annotations
 
@@ -33,11 +33,22 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 
 
-def icc_rules(ranks, svd: str, state_dtype: str = "float32") -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
-  """(glob, spec whose cache part is ICC at that layer type's rank) for every type in `ranks` ({type: rank})."""
+MLP_MODES = ("layers", "chain")  # icc.mlp: fc1 and fc2 cached apart (the paper) | one increment through GELU
+
+
+def icc_rules(ranks, svd: str, state_dtype: str = "float32", mlp: str = "layers"
+              ) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+  """(glob, spec whose cache part is ICC at that layer type's rank) for every type in `ranks` ({type: rank});
+  `mlp='chain'` chains fc1 and fc2 through the linearised GELU (caches.chain_read)."""
   unknown = sorted(set(ranks) - set(ICC_LAYERS))
   if unknown:
     raise ValueError(f"Unknown ICC layer types {unknown} in icc.ranks; known: {sorted(ICC_LAYERS)}.")
-  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(rank, ICC_LAYERS[name][1], svd,
-                                                                                       state_dtype)))
-               for name, rank in ranks.items())
+  if mlp not in MLP_MODES:
+    raise ValueError(f"Unknown icc.mlp {mlp!r}; choose one of {MLP_MODES}.")
+  roles = {}
+  if mlp == "chain":
+    if not (ranks.get("fc1") and ranks.get("fc2")):
+      raise ValueError(f"icc.mlp='chain' needs ICC ranks > 0 on fc1 and fc2; got {dict(ranks)}.")
+    roles = dict(fc1="first", fc2="last")
+  return tuple((ICC_LAYERS[name][0], spec_lib.LayerSpec(cache=caches.ICC(
+      rank, ICC_LAYERS[name][1], svd, state_dtype, roles.get(name, "")))) for name, rank in ranks.items())

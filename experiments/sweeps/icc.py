@@ -23,13 +23,17 @@ RUNS += [dict(name=f"{sched}_r{r}" + (f"_{svd}" if r else ""), config=f"configs/
               labels={"method": "naive caching" if r == 0 else f"ICC ({svd.upper()}-SVD)" if svd != "plain"
                       else "ICC (plain SVD)", "schedule": sched, "rank": r, "svd": svd if r else "-"})
          for sched, r, svd in ICC]
-# Wall-clock remedies (icc_speed.md): the attention branch reused (dead on cached steps) with ICC on the MLP only,
-# and the cache state in bfloat16.
-RUNS += [dict(name=f"{sched}_attn0_mlp{r}_ca", config=f"configs/dit_icc.py:rank={r},svd=ca",
-              overrides={"sample.seed": 0, "sample.cache_pattern": PATTERNS[sched], "icc.ranks.qkv": 0,
-                         "icc.ranks.proj": 0},
-              labels={"method": "ICC on the MLP, attention reused", "schedule": sched, "rank": f"0/{r}",
-                      "svd": "ca"}) for sched, r in (("late", 8), ("p2", 16))]
+# Wall-clock remedies (icc_speed.md): the attention branch reused (dead on cached steps) with ICC on the MLP only
+# (fc1, fc2 apart, or chained through the linearised GELU), ICC everywhere with a chained MLP, and the cache state
+# in bfloat16.
+MLP_RUNS = [("late", 0, 8, "layers"), ("late", 0, 8, "chain"), ("late", 8, 8, "chain"), ("p2", 0, 8, "chain")]
+RUNS += [dict(name=f"{sched}_attn{a}_{'chain' if mlp == 'chain' else 'mlp'}{r}_ca",
+              config=f"configs/dit_icc.py:rank={r},svd=ca,mlp={mlp}",
+              overrides={"sample.seed": 0, "sample.cache_pattern": PATTERNS[sched], "icc.ranks.qkv": a,
+                         "icc.ranks.proj": a},
+              labels={"method": ("naive" if a == 0 else "ICC") + " attention, ICC MLP" +
+                      (" chained through GELU" if mlp == "chain" else ""), "schedule": sched, "rank": f"{a}/{r}",
+                      "svd": "ca"}) for sched, a, r, mlp in MLP_RUNS]
 RUNS += [dict(name="late_r8_ca_bf16", config="configs/dit_icc.py:rank=8,svd=ca",
               overrides={"sample.seed": 0, "sample.cache_pattern": LATE_FULL, "icc.state_dtype": "bfloat16"},
               labels={"method": "ICC (CA-SVD), bfloat16 state", "schedule": "late", "rank": 8, "svd": "ca"})]
