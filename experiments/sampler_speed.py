@@ -43,7 +43,8 @@ def variant(name: str, model_cfg, params):
     return plan_lib.make_plan(1000, spacing), (), {"params": params}
   m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(?:-(\d+))?(_bf16)?(_chain)?", name)
   if not m:
-    raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, pP_rR or <F/C pattern>_rR (see the docstring).")
+    raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, or pP / an F/C pattern with _rR or _rA-M, then "
+                     "optionally _bf16, then optionally _chain (see the docstring).")
   schedule, attn, mlp = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
   pattern = f"period:{schedule[1:]}" if schedule.startswith("p") else schedule
   ranks = dict(qkv=attn, proj=attn, fc1=mlp, fc2=mlp)

@@ -75,7 +75,8 @@ def main() -> None:
   model = args.preset + " (random weights)" if args.preset else args.params
   lines = ["# One network call by step kind", "", f"{model}, batch {args.batch} images (CFG: {2 * args.batch} rows), "
            f"{args.repeats} interleaved repeats after compilation, {os.cpu_count()} CPU cores. Command: `{cmd}`", "",
-           "| call | median ms | vs fp full (medians) | fp full speed-up, paired median [IQR] |", "|---|---|---|---|"]
+           "| call | median ms | time vs fp full (medians) | speed-up over fp full, paired median [IQR] |",
+           "|---|---|---|---|"]
   fp_times = calls["fp full (no caches)"][3]
   for name, (_, _, _, times) in calls.items():
     lines.append(f"| {name} | {1e3 * np.median(times):.1f} | {np.median(times) / ref:.2f} | "

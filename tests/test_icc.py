@@ -89,47 +89,49 @@ def test_bfloat16_state_is_the_float32_read_of_the_rounded_state(model):
 
 @pytest.mark.parametrize("rank", [4, 32])
 def test_chained_mlp_is_the_linearised_mlp_through_the_factors(model, rank):
-  """Reference (numpy, float64): y2_c + ((x - x_c) B1) A1 diag(GELU'(y1_c)) B2) A2 per block, with the factors
-  the calibration wrote; at full rank (32) the factors are the weights, so this is the MLP's Jacobian step."""
+  """Reference (numpy, float64), per block: the refresh step's MLP output is the plain MLP at x_c, and the cached
+  step's is y2_c + ((x - x_c) B1 A1 diag(GELU'(y1_c))) B2 A2 with the calibrated factors; at full rank (32) the
+  factors are the weights, so this is the MLP's Jacobian step from x_c."""
   cfg, params, _ = model
   table = icc_table(rank, mlp="chain", ranks=dict(fc1=rank, fc2=rank))
   quant, _ = calibrate.calibrate(cfg, {"params": params}, None, table, parts=("cache",))
   v = {"params": params, "quant": quant}
-  captured = {}
-
-  def keep(next_fun, args, kwargs, context):  # the MLPs' inputs on the read step
-    if isinstance(context.module, dit.MLP) and context.method_name == "__call__":
-      captured["/".join(context.module.scope.path)] = np.asarray(args[0], np.float64)
-    return next_fun(*args, **kwargs)
-
   x0, x1, t, y = inputs()
   m = dit.DiT(config=cfg, specs=table)
-  fresh = dit.init_state(m, v, x0.shape[0])
   fn = dit.model_fn(m)
-  _, state = fn(v, fresh, x0, t, y, plan_lib.StepContext(0))
+  fresh = dit.init_state(m, v, x0.shape[0])
+
+  def mlp_io(state, x, tt, ctx):  # {block: (MLP input, MLP output)} of one network call
+    got = {}
+
+    def keep(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if isinstance(context.module, dit.MLP) and context.method_name == "__call__":
+        got[context.module.scope.path[0]] = (np.asarray(args[0], np.float64), np.asarray(out, np.float64))
+      return out
+
+    with nn.intercept_methods(keep):
+      _, new = fn(v, state, x, tt, y, ctx)
+    return got, new
+
+  refresh, state = mlp_io(fresh, x0, t, plan_lib.StepContext(0))
+  cached, _ = mlp_io(state, x1, t - 50, CACHED)
+  gelu = lambda u: np.asarray(nn.gelu(jnp.asarray(u, jnp.float32), approximate=True), np.float64)
   gelu_grad = lambda u: np.asarray(jax.vmap(jax.grad(lambda z: nn.gelu(z, approximate=True)))(
       jnp.asarray(u.ravel(), jnp.float32)), np.float64).reshape(u.shape)
   for i in range(cfg.depth):
-    path = f"blocks_{i}/mlp"
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params[f"blocks_{i}"]["mlp"])
     f1, f2 = quant[f"blocks_{i}"]["mlp"]["fc1"], quant[f"blocks_{i}"]["mlp"]["fc2"]
     b1, a1, b2, a2 = (np.asarray(a[0], np.float64) for a in (f1["icc_b"], f1["icc_a"], f2["icc_b"], f2["icc_a"]))
     if rank == 32:
-      p = params[f"blocks_{i}"]["mlp"]
       np.testing.assert_allclose(b1 @ a1, p["fc1"]["kernel"], atol=1e-5)
       np.testing.assert_allclose(b2 @ a2, p["fc2"]["kernel"], atol=1e-5)
-    st = state["cache"][f"blocks_{i}"]["mlp"]
-    with nn.intercept_methods(keep):  # the refresh step's MLP input x_c
-      fn(v, fresh, x0, t, y, plan_lib.StepContext(0))
-    xc = captured[path]
-    y1c = xc @ np.asarray(params[f"blocks_{i}"]["mlp"]["fc1"]["kernel"], np.float64) + \
-        np.asarray(params[f"blocks_{i}"]["mlp"]["fc1"]["bias"], np.float64)
-    with nn.intercept_methods(keep):
-      fn(v, state, x1, t - 50, y, CACHED)
-    dx = captured[path] - xc
-    want = np.asarray(st["fc2"]["y"], np.float64) + (((dx @ b1 @ a1) * gelu_grad(y1c)) @ b2) @ a2
-    got = caches.chain_read(dit.MLP(hidden=4 * cfg.hidden_size).bind(
-        {"quant": quant[f"blocks_{i}"]["mlp"], "cache": st}), jnp.asarray(captured[path], jnp.float32))
+    (xc, yc), (x, got) = refresh[f"blocks_{i}"], cached[f"blocks_{i}"]
+    y1c = xc @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    np.testing.assert_allclose(yc, gelu(y1c) @ p["fc2"]["kernel"] + p["fc2"]["bias"], rtol=1e-4, atol=1e-4)
+    want = yc + ((((x - xc) @ b1 @ a1) * gelu_grad(y1c)) @ b2) @ a2
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.abs(got - yc).max() > 100 * np.abs(got - want).max()  # the increment is far from zero
 
 
 def test_rank_zero_equals_naive_reuse_of_the_branch_outputs(model):
@@ -263,6 +265,8 @@ def test_bad_plans_and_specs_are_clear_errors(tiny_export, tmp_path):
     caches.ICC(4, svd="fisher")
   with pytest.raises(ValueError, match="needs ICC ranks > 0 on fc1 and fc2"):
     rules.icc_rules(dict(fc1=4, fc2=0), "plain", mlp="chain")
+  with pytest.raises(ValueError, match="chained ICC layer needs rank > 0 and one output split"):
+    caches.ICC(4, splits=3, chain="first")
   with pytest.raises(ValueError, match="Unknown icc.mlp"):
     rules.icc_rules(dict(fc1=4), "plain", mlp="fused")
   with pytest.raises(ValueError, match=r"needs ICC\(chain='first'\) on fc1"):

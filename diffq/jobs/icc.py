@@ -3,8 +3,9 @@
 The model is the FP export or a quantize job's export (its weight and input parts stay as exported; ICC factors
 the matmul weight the layer actually runs). Channel statistics for CA/CD-SVD come from one statistics pass over
 the model's own full-step trajectory. metrics.json adds `gmacs_per_image` (every step by its kind, low-rank
-terms included) and `macs_vs_full` (its ratio to the same plan with every step full and no caches), the ICC settings, `icc_params` (factor entries), `cache_bytes_per_image` (the sampler state,
-guidance rows included) and `calib_seconds`.
+terms included), `macs_vs_full` (its ratio to the same plan with every step full and no caches), the ICC
+settings, `icc_params` (factor entries), `cache_bytes_per_image` (the sampler state, guidance rows included)
+and `calib_seconds`.
 """
 from __future__ import annotations
 

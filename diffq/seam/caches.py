@@ -11,16 +11,18 @@
   against the chunks' B side by side). Storing x_c B (splits r wide) rather than x_c (in wide) is the same
   increment with less state to carry and read. Rank 0 is naive caching (y = y_c, FORA-style reuse).
   `state_dtype` 'bfloat16' stores y_c and x_c B in bfloat16 (half the state bytes; read back as float32).
+  The factors `icc_b` (splits, in, r) and `icc_a` (splits, r, out/splits) come from a truncated SVD of the
+  weight, plain or channel-aware (`svd`: 'ca' weights output/input channels by their mean magnitudes, 'cd' by
+  the magnitudes of their increments between adjacent steps; diffq/cache/icc.py).
 - ICC through an activation (`chain`, set on the MLP's fc1 'first' and fc2 'last'): on cached steps the MLP
   does not rebuild its 4C-wide hidden layer; with GELU linearised at the refresh point,
 
       y2 = y2_c + ((x B1 - x_c B1) M_t) A2,     M_t = A1 diag(GELU'(y1_c)) B2   (r1 x r2, per token),
 
-  the first-order increment of the whole MLP through both layers' factors (exact at full rank to first order:
-  the MLP's Jacobian at x_c). fc1 stores x_c B1, fc2 stores y2_c, the MLP stores M_t (`chain_write`). The factors `icc_b` (splits, in, r) and `icc_a`
-  (splits, r, out/splits) come from a truncated SVD of the weight, plain or channel-aware (`svd`: 'ca' weights
-  output/input channels by their mean magnitudes, 'cd' by the magnitudes of their increments between adjacent
-  steps; diffq/cache/icc.py).
+  the first-order increment of the whole MLP through both layers' factors (at full rank: the MLP's Jacobian
+  step from x_c). fc1 stores x_c B1, fc2 stores y2_c, the MLP stores M_t (`chain_write`). It pays where
+  r1 r2 is small against the hidden width (state r1 r2 per token; M_t costs tokens x r1 x hidden x r2 MACs
+  per refresh): r = 8 at hidden 512 here, not the paper's r = 128 at DiT-XL/2's 4608.
 """
 from __future__ import annotations
 
