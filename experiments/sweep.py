@@ -179,7 +179,7 @@ def draw_pareto(sweep, rows: list[dict]) -> None:
     pts = [(r[x_key], r[y_key], r["name"]) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
     if not pts:
       continue
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     group = getattr(sweep, "PARETO_GROUP", None)
     by_name = {r["name"]: r.get(group) for r in rows}
     for g in dict.fromkeys(by_name[p[2]] for p in pts):
@@ -192,7 +192,7 @@ def draw_pareto(sweep, rows: list[dict]) -> None:
     ax.set_xlabel(x_key)
     ax.set_ylabel(y_key)
     ax.set_title(f"{sweep.NAME}: {y_key} vs {x_key}")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: it never hides points
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, f"{sweep.NAME}_{y_key}_vs_{x_key}.png"), dpi=120)
     plt.close(fig)
