@@ -13,6 +13,13 @@ Methods (`method=`; every field stays overridable with --config.quant.X / --conf
   mpqdm        efficientdm + OMQ + TRD (MPQ-DM)
 OMQ alone as PTQ: method=omq with --config.distill.trajectories=0. Embedders and the final layer stay W8A8
 without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
+
+Activations (`act=`, the body layers' input part; `quant.act_granularity` tensor | sample | token):
+  static       per-step per-tensor ranges calibrated on the FP trajectory (wave 1)
+  dynamic      min-max of each call's input
+  modiff       MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in float;
+               `quant.modiff.quantizer` dynamic | static (per-step ranges of the FP increments), `.compensate`,
+               `.warmup_bits` (0 = float)
 """
 from configs import sample as sample_config
 from diffq import configlib
@@ -27,7 +34,7 @@ METHODS = {
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", quick=False, xl2=False)
+  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="static", quick=False, xl2=False)
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
   m = METHODS[arg.method]
@@ -39,7 +46,10 @@ def get_config(arg=None):
   c.distributed = False
   c.quant = dict(w_bits=arg.w, a_bits=arg.a, w_symmetric=False, w_group_size=0, grad="ste",
                  keep_8bit="x_embedder,t_embedder/*,final_layer/*", smooth=m["omq"], omq=m["omq"],
-                 omq_fractions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), lora_rank=32 if m["lora"] else 0)
+                 omq_fractions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), lora_rank=32 if m["lora"] else 0,
+                 act=arg.act,                 # static | dynamic | modiff (see the docstring)
+                 act_granularity="tensor",    # dynamic / modiff ranges: tensor | sample (per row) | token
+                 modiff=dict(quantizer="dynamic", compensate=True, warmup_bits=0))
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.

@@ -80,7 +80,14 @@ def _channel_absmean(a):
   return jnp.mean((m - lo + 1e-6) / (hi - lo + 1e-6), axis=0)
 
 
-DELTA_STATS = ("in_delta_absmean", "out_delta_absmean")
+DELTA_STATS = ("in_delta_absmean", "out_delta_absmean", "in_delta_min", "in_delta_max", "in_delta_sample")
+
+
+def _sample_index(size: int, sample_size: int):
+  """`sample_size` fixed random flat indices into a tensor of `size` entries (all of them if it is smaller)."""
+  if 0 < sample_size < size:
+    return jax.random.randint(jax.random.key(0), (sample_size,), 0, size)
+  return jnp.arange(size)
 
 
 def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTable, cal: CalibrationSet,
@@ -90,7 +97,8 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
   `requests` names per layer. Per step (leading axis S): in_min, in_max (in,) per-channel input range;
   in_xtx (in, in) the input's X^T X over rows and tokens; in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
   smaller; in_sample_channel (k,) their channels); in_absmean (in,), out_absmean (out,) (`_channel_absmean`);
-  in_delta_absmean, out_delta_absmean (S - 1 pairs of adjacent steps) the same of the increments. in_rows: the
+  in_delta_absmean, out_delta_absmean (S - 1 pairs of adjacent steps) the same of the increments, and
+  in_delta_min, in_delta_max (in,), in_delta_sample (k,) of the input increments x_i - x_{i-1}. in_rows: the
   inputs of the first `images_per_step` images (and their guidance twins), steps concatenated
   (S * rows, ..., in)."""
   model = dit.DiT(config=model_cfg, specs=tuple(table))
@@ -109,8 +117,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
         flat = a.reshape(-1, a.shape[-1])
         s["in_min"], s["in_max"] = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
       if "in_sample" in names:
-        idx = jax.random.randint(jax.random.key(0), (sample_size,), 0, a.size) if 0 < sample_size < a.size \
-            else jnp.arange(a.size)
+        idx = _sample_index(a.size, sample_size)
         s["in_sample"], s["in_sample_channel"] = a.reshape(-1)[idx], idx % a.shape[-1]
       if "in_xtx" in names:
         flat = a.reshape(-1, a.shape[-1])
@@ -121,9 +128,14 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
         s["in_absmean"], s["out_absmean"] = _channel_absmean(a), _channel_absmean(out)
       if p in wants_delta:
         raw[p] = (a, out)
-        if prev is not None:
+        if prev is not None and "in_delta_absmean" in names:
           s["in_delta_absmean"] = _channel_absmean(a - prev[p][0])
           s["out_delta_absmean"] = _channel_absmean(out - prev[p][1])
+        if prev is not None and "in_delta_min" in names:
+          d = a - prev[p][0]
+          flat = d.reshape(-1, d.shape[-1])
+          s["in_delta_min"], s["in_delta_max"] = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
+          s["in_delta_sample"] = d.reshape(-1)[_sample_index(d.size, sample_size)]
       stats[p] = s
     return stats, raw
 

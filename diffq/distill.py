@@ -211,7 +211,9 @@ class Distiller:
     rows = self.cfg.images * (2 if self.cfg_scale != 1.0 else 1)
     feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
     state = dict(step=jnp.zeros((), jnp.int32), quant=train, opt_state=self.optimizer().init(train),
-                 x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat))
+                 x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat),
+                 model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table),
+                                            dit.variable_shapes(self.model_cfg, self.table), rows))
     return state, _keyed(frozen)
 
   def optimizer(self) -> optax.GradientTransformation:
@@ -224,17 +226,20 @@ class Distiller:
     return (np.asarray(jax.random.normal(k_x, (self.cfg.images, *self.shape))),
             np.asarray(jax.random.randint(k_y, (self.cfg.images,), 0, self.model_cfg.num_classes)))
 
-  def _forward(self, specs, variables, x, t, y, step):
-    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D)) for one CFG network batch."""
+  def _forward(self, specs, variables, x, t, y, step, model_state=None):
+    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state) for one CFG network
+    batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
     model = dit.DiT(config=self.model_cfg, specs=specs)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
-    out, inter = model.apply(variables, *batch, ctx=plan_lib.StepContext(step), mutable=["intermediates"],
+    model_state = model_state or {}
+    out, inter = model.apply({**variables, **model_state}, *batch, ctx=plan_lib.StepContext(step),
+                             mutable=["intermediates", *model_state],
                              capture_intermediates=lambda m, name: m.name == last and name == "__call__")
     tokens = inter["intermediates"][last]["__call__"][0]
     if self.cfg_scale != 1.0:
       out = sampler.cfg_combine(out, self.shape[-1], self.cfg_scale)
-    return out, tokens
+    return out, tokens, {k: inter[k] for k in model_state}
 
   def step(self, state, frozen, params, x_T, labels):
     """One optimiser step at trajectory position state["step"] % S. Returns (state, metrics)."""
@@ -249,20 +254,23 @@ class Distiller:
     acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
     t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
     t = jnp.full((x.shape[0],), t_model)
-    out_fp, f_fp = self._forward((), {"params": params}, x, t, labels, i)
+    out_fp, f_fp, _ = self._forward((), {"params": params}, x, t, labels, i)
+    # the quantized model's state follows the trajectory in step order, from zeros at its start (as in sampling)
+    model_state = jax.tree.map(lambda a: jnp.where(first, jnp.zeros_like(a), a), state["model_state"])
     window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
 
     # trd_grad="none" differentiates the very loss of a run without TRD (gradient weight 0), so it trains exactly
     # like one; the logged loss still carries the (detached) TRD term, as the released code reports it.
     def loss_fn(train):
       quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
-      out_q, f_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i)
+      out_q, f_q, next_state = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i,
+                                             model_state)
       fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
                     window_end)
       values = [term.fn(fw) for term in self.terms]
-      return combine(self.terms, values, fw, grad=True), (values, fw)
+      return combine(self.terms, values, fw, grad=True), (values, fw, next_state)
 
-    grads, (values, fw) = jax.grad(loss_fn, has_aux=True)(train)
+    grads, (values, fw, next_state) = jax.grad(loss_fn, has_aux=True)(train)
     updates, opt_state = self.optimizer().update(grads, opt_state, train)
     train = optax.apply_updates(train, updates)
     if self.post_update is not None:
@@ -272,7 +280,8 @@ class Distiller:
                                   self.clip_x0)
     keep = 1.0 - window_end
     new = dict(step=state["step"] + 1, quant=train, opt_state=opt_state,
-               x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q))
+               x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q),
+               model_state=jax.lax.stop_gradient(next_state))
     metrics = dict(loss=combine(self.terms, values, fw, grad=False),
                    **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads))
     return new, metrics

@@ -41,7 +41,7 @@ def test_spec_validation_names_the_problem():
   with pytest.raises(ValueError, match="Unknown weight part type 'int4'"):
     spec_lib.from_dict(dict(weight={"type": "int4"}, input={"type": "float"}, cache={"type": "none"}))
   with pytest.raises(ValueError, match="declared but not built yet"):
-    spec_lib.from_dict(dict(weight={"type": "float"}, input={"type": "modulated"}, cache={"type": "none"}))
+    spec_lib.from_dict(dict(weight={"type": "vq"}, input={"type": "float"}, cache={"type": "none"}))
   with pytest.raises(ValueError, match="splits=3 does not divide"):
     layers.Linear(8, spec=spec_lib.LayerSpec(cache=caches.ICC(2, splits=3))).init(jax.random.key(0),
                                                                                    jnp.zeros((1, 4)))
@@ -63,7 +63,7 @@ def test_spec_dict_form_round_trips_and_wave1_policies_convert():
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
 def test_dynamic_input_matches_numpy_min_max(granularity):
   x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
-  y = inputs.Dynamic(4, granularity)(jnp.asarray(x), {}, plan_lib.StepContext())
+  y = inputs.Dynamic(4, granularity)(None, jnp.asarray(x), {}, plan_lib.StepContext())
   axes = (0, 1, 2) if granularity == "tensor" else (2,)
   lo = np.minimum(x.min(axes, keepdims=True), 0)
   hi = np.maximum(x.max(axes, keepdims=True), 0)

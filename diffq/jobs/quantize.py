@@ -193,7 +193,8 @@ def run(config, workdir: str) -> dict:
   omq_keys = () if config.quant.omq else ("omq_fractions", "omq_images_per_step")
   calib_settings = dict(
       params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
-      quant=without(config.quant.to_dict(), ("grad",) + omq_keys),
+      # the input part's settings are recorded through the specs (wave-1 records stay valid)
+      quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff") + omq_keys),
       specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()}]
              for pat, d in spec_lib.table_to_list(table)],
       calib=without(config.calib.to_dict(), omq_keys),

@@ -24,7 +24,7 @@ import numpy as np
 
 from diffq import plan
 from diffq.models import layers
-from diffq.seam import caches, spec as spec_lib
+from diffq.seam import caches, inputs, spec as spec_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ class DiT(_SpecScope):
     return unpatchify(out, p, cfg.out_channels)
 
 
-STATE_COLLECTIONS = (caches.STATE,)  # variable collections a DiT carries from one sampling step to the next
+STATE_COLLECTIONS = (caches.STATE, inputs.STATE)  # variable collections a DiT carries from one sampling step to the next
 
 
 def model_fn(model: DiT) -> Callable:

@@ -36,7 +36,7 @@ class Linear(nn.Module):
         if s.weight.needs_kernel else None
     x_in = x / q["smooth"] if s.smooth else x
     w = s.weight.matrix(q, lambda: s.effective_weight(kernel, q))
-    y = jnp.dot(s.input(x_in, q, ctx), w.astype(x.dtype))
+    y = jnp.dot(s.input(self, x_in, q, ctx), w.astype(x.dtype))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     s.cache.write(self, x, y, ctx.kind, q)

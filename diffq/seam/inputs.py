@@ -5,7 +5,12 @@
   (`steps` entries, selected by the step context's plan index, clipped to the calibrated range). Variables
   a_scale, a_zero (steps,).
 - `Dynamic`: min-max fake-quant computed from x itself at run time, per tensor or per token (no variables).
-- MoDiff's modulated input (quantize x_t - x_hat_{t-1}): the slot exists (`TYPES`), filled by the MoDiff issue.
+- `Modulated` (MoDiff, Ma et al. ICML 2025, research/modiff.md §2): quantizes the difference between the input
+  and its running reconstruction, x_hat_t = x_hat_{t-1} + Q(x_t - x_hat_{t-1}) (error compensation), and feeds
+  x_hat_t to the matmul; the first call of a trajectory (warm-up) passes x (or Q_warm(x)). This is the released
+  code's datapath in its equivalent simulation form (§2.10): W x_hat_t + b = o_hat_{t-1} + W Q(delta_t), the bias
+  added once. The state (`modulation/x_hat` per network row, plus `x_prev` without compensation and a per-row
+  `started` flag) rides in the sampler carry and starts at zeros on every plan segment.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from diffq.quant import ops, ranges
 from diffq.seam.variables import Variable
 
 GRANULARITIES = ("tensor", "token")
+MODULATED_GRANULARITIES = ("tensor", "sample", "token")  # sample: one range per network row (per image under CFG)
+MODULATED_QUANTIZERS = ("dynamic", "static")  # min-max of delta per call | calibrated per-step delta ranges
+STATE = "modulation"  # the variable collection of MoDiff's reconstructions, carried by the sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +41,7 @@ class Float:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
-  def __call__(self, x, q: dict, ctx):
+  def __call__(self, layer, x, q: dict, ctx):
     return x
 
   def deployed(self):
@@ -58,7 +66,7 @@ class Static:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
 
-  def __call__(self, x, q: dict, ctx):
+  def __call__(self, layer, x, q: dict, ctx):
     i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, self.steps - 1)
     gscale = 1.0 if self.grad == "ste" else 1.0 / math.sqrt(x.size * (2 ** self.bits - 1))
     return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(self.bits), False, gscale)
@@ -110,16 +118,117 @@ class Dynamic:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
-  def __call__(self, x, q: dict, ctx):
-    axes = tuple(range(x.ndim)) if self.granularity == "tensor" else (x.ndim - 1,)
-    qmax = ops.qmax_of(self.bits)
-    lo = jax.lax.stop_gradient(jnp.min(x, axis=axes, keepdims=True))
-    hi = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
-    s, z = ranges.asym_params(lo, hi, qmax)
-    return ops.fake_quant(x, s, z, qmax)
+  def __call__(self, layer, x, q: dict, ctx):
+    return _min_max_quant(x, self.bits, self.granularity)
 
   def deployed(self):
     return self
 
 
-TYPES = {"float": Float, "static": Static, "dynamic": Dynamic, "modulated": None}  # modulated: the MoDiff issue
+def _min_max_quant(x, bits: int, granularity: str):
+  """Asymmetric min-max fake-quant of x (..., C): one range per tensor, per leading row ('sample') or per token."""
+  axes = {"tensor": tuple(range(x.ndim)), "sample": tuple(range(1, x.ndim)), "token": (x.ndim - 1,)}[granularity]
+  qmax = ops.qmax_of(bits)
+  lo = jax.lax.stop_gradient(jnp.min(x, axis=axes, keepdims=True))
+  hi = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
+  s, z = ranges.asym_params(lo, hi, qmax)
+  return ops.fake_quant(x, s, z, qmax)
+
+
+@dataclasses.dataclass(frozen=True)
+class Modulated:
+  """MoDiff's modulated input (see the module docstring): delta_t = x_t - x_hat_{t-1} quantized at `bits`, by
+  min-max per call ('dynamic', per tensor / sample / token) or with calibrated per-step ranges ('static', the
+  Q-Diff variant: `steps` (scale, zero) pairs fitted to the FP trajectory's step increments). `compensate=False`
+  is the paper's "standard modulation" ablation: x_hat accumulates Q(x_t - x_{t-1}) of the true previous input.
+  `warmup_bits`: the first call's activation bits (0 = float, as the released code)."""
+  type: ClassVar[str] = "modulated"
+  trainable: ClassVar[dict] = {}
+  bits: int = 4
+  quantizer: str = "dynamic"
+  granularity: str = "tensor"
+  steps: int = 1
+  compensate: bool = True
+  warmup_bits: int = 0
+
+  def __post_init__(self):
+    ops.check_bits(self.bits, "modulated activation bits")
+    if self.warmup_bits:
+      ops.check_bits(self.warmup_bits, "warm-up activation bits")
+    if self.quantizer not in MODULATED_QUANTIZERS:
+      raise ValueError(f"Unknown MoDiff quantizer {self.quantizer!r}; choose one of {MODULATED_QUANTIZERS}.")
+    if self.granularity not in MODULATED_GRANULARITIES:
+      raise ValueError(f"Unknown MoDiff granularity {self.granularity!r}; choose one of {MODULATED_GRANULARITIES}.")
+    if self.steps < 1:
+      raise ValueError(f"A modulated input needs steps >= 1; got {self.steps}.")
+
+  @property
+  def stats(self) -> tuple[str, ...]:
+    return ("in_delta_min", "in_delta_max", "in_delta_sample") if self.quantizer == "static" else ()
+
+  def variables(self, n_in: int) -> dict[str, Variable]:
+    if self.quantizer != "static":
+      return {}
+    return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
+
+  def __call__(self, layer, x, q: dict, ctx):
+    """x_hat_t (..., C) for the input x_t (..., C) of a network call, updating the layer's `modulation` state."""
+    if not (layer.is_mutable_collection(STATE) or layer.has_variable(STATE, "x_hat")):
+      raise ValueError(f"Layer {'/'.join(layer.scope.path)} modulates its input but the call carries no "
+                       "modulation state: run MoDiff models through diffq.sampler.sample with dit.init_state.")
+    rows = (x.shape[0],) + (1,) * (x.ndim - 1)
+    x_hat = layer.variable(STATE, "x_hat", jnp.zeros, x.shape, jnp.float32)
+    started = layer.variable(STATE, "started", jnp.zeros, rows, jnp.float32)
+    base = x_hat.value
+    if not self.compensate:
+      x_prev = layer.variable(STATE, "x_prev", jnp.zeros, x.shape, jnp.float32)
+      delta = x - x_prev.value
+    else:
+      delta = x - base
+    modulated = base + self._quant(delta, q, ctx)
+    warm = x if not self.warmup_bits else _min_max_quant(x, self.warmup_bits, self.granularity)
+    out = jnp.where(started.value > 0, modulated, warm)
+    if layer.is_mutable_collection(STATE):
+      x_hat.value = out
+      started.value = jnp.ones_like(started.value)
+      if not self.compensate:
+        x_prev.value = x
+    return out
+
+  def _quant(self, delta, q: dict, ctx):
+    if self.quantizer == "dynamic":
+      return _min_max_quant(delta, self.bits, self.granularity)
+    i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, self.steps - 1)
+    return ops.fake_quant(delta, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(self.bits))
+
+  def calibrate(self, layer) -> dict:
+    """Per step i >= 1: the MSE-searched (scale, zero) of the FP trajectory's increments x_i - x_{i-1}, candidates
+    spanning their [min, max], scored on fixed random entries (step 0 is the warm-up; it keeps step 1's pair)."""
+    if self.quantizer == "dynamic":
+      return {}
+    stats = layer.stats
+    n = stats["in_delta_min"].shape[0] + 1
+    if self.steps not in (1, n):
+      raise ValueError(f"Layer {layer.path} keeps {self.steps} modulated quantizers but the calibration plan has "
+                       f"{n} steps; set steps to 1 (one range for every step, the released code's) or to the "
+                       "number of sampling steps.")
+    if layer.q.get("smooth") is not None:
+      raise ValueError(f"Layer {layer.path}: a static modulated input does not calibrate under smoothing yet; use "
+                       "quantizer='dynamic' or smooth=False.")
+    lo, hi, sample = stats["in_delta_min"], stats["in_delta_max"], stats["in_delta_sample"]
+    if self.steps == 1:  # pooled over the steps
+      lo, hi, sample = lo.min(0, keepdims=True), hi.max(0, keepdims=True), sample.reshape(1, -1)
+    scales, zeros = [], []
+    for i in range(lo.shape[0]):
+      s, z = _step_range(sample[i], jnp.min(lo[i], keepdims=True), jnp.max(hi[i], keepdims=True), self.bits)
+      scales.append(s.reshape(()))
+      zeros.append(z.reshape(()))
+    if self.steps > 1:  # step 0 is the warm-up; it keeps step 1's pair
+      scales, zeros = scales[:1] + scales, zeros[:1] + zeros
+    return {"a_scale": jnp.stack(scales), "a_zero": jnp.stack(zeros)}
+
+  def deployed(self):
+    return self
+
+
+TYPES = {"float": Float, "static": Static, "dynamic": Dynamic, "modulated": Modulated}

@@ -13,11 +13,32 @@ ICC_LAYERS = {"qkv": ("blocks_*/attn/qkv", 3), "proj": ("blocks_*/attn/proj", 1)
               "fc2": ("blocks_*/mlp/fc2", 1)}  # layer type -> (glob, output splits: q, k, v factorised apart)
 
 
+ACTS = ("static", "dynamic", "modiff")  # quant.act: the body layers' input part
+
+
+def input_part(act: str, a_bits: int, steps: int, *, grad: str = "ste", granularity: str = "tensor",
+               modiff=None):
+  """The input part of A`a_bits` activations (0 = float): 'static' per-step calibrated ranges, 'dynamic' min-max
+  per call, 'modiff' MoDiff's modulated input (`modiff`: quantizer, compensate, warmup_bits)."""
+  if not a_bits:
+    return inputs.Float()
+  if act == "static":
+    return inputs.Static(a_bits, steps, grad)
+  if act == "dynamic":
+    return inputs.Dynamic(a_bits, granularity)
+  if act == "modiff":
+    m = dict(modiff or {})
+    return inputs.Modulated(a_bits, m.get("quantizer", "dynamic"), granularity,
+                            steps if m.get("quantizer") == "static" else 1, m.get("compensate", True),
+                            m.get("warmup_bits", 0))
+  raise ValueError(f"Unknown quant.act {act!r}; choose one of {ACTS}.")
+
+
 def scalar_spec(w_bits: int, a_bits: int = 0, steps: int = 1, *, symmetric: bool = False, group_size: int = 0,
-                mixed: bool = False, smooth: bool = False, lora_rank: int = 0, grad: str = "ste"):
-  """A fake-quant layer: W`w_bits` scalar weights, A`a_bits` static per-step inputs (0 = float), trained in
-  distillation when it carries LoRA."""
-  act = inputs.Static(a_bits, steps, grad) if a_bits else inputs.Float()
+                mixed: bool = False, smooth: bool = False, lora_rank: int = 0, grad: str = "ste", act=None):
+  """A fake-quant layer: W`w_bits` scalar weights, A`a_bits` inputs (0 = float; `act` an input part, default
+  static per-step), trained in distillation when it carries LoRA."""
+  act = input_part("static", a_bits, steps, grad=grad) if act is None else act
   return spec_lib.LayerSpec(weight=weights.Scalar(w_bits, symmetric, group_size, mixed, grad=grad), input=act,
                             lora_rank=lora_rank, smooth=smooth, train=lora_rank > 0)
 
@@ -27,8 +48,10 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
     raise ValueError("quant.omq assigns bits per output channel and cannot be combined with quant.w_group_size; "
                      "set one of them to its default (omq=False or w_group_size=0).")
   boundary = scalar_spec(8, 8, num_steps, grad=qcfg.grad)
+  act = input_part(qcfg.get("act", "static"), qcfg.a_bits, num_steps, grad=qcfg.grad,
+                   granularity=qcfg.get("act_granularity", "tensor"), modiff=qcfg.get("modiff"))
   body = scalar_spec(qcfg.w_bits, qcfg.a_bits, num_steps, symmetric=qcfg.w_symmetric, group_size=qcfg.w_group_size,
-                     mixed=qcfg.omq, smooth=qcfg.smooth, lora_rank=qcfg.lora_rank, grad=qcfg.grad)
+                     mixed=qcfg.omq, smooth=qcfg.smooth, lora_rank=qcfg.lora_rank, grad=qcfg.grad, act=act)
   patterns = [p for p in qcfg.keep_8bit.split(",") if p]
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 
