@@ -52,14 +52,6 @@ def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibrat
   return table, {**variables, "quant": jax.device_get(quant)}
 
 
-def cache_bytes_per_image(model_cfg, variables, table, cfg_scale: float) -> int:
-  """Bytes of the sampler state (y_c and x_c B of every cached layer) one image carries."""
-  model = dit.DiT(config=model_cfg, specs=tuple(table))
-  rows = 2 if cfg_scale != 1.0 else 1
-  state = jax.eval_shape(lambda v: dit.init_state(model, v, rows), variables)
-  return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(state)))
-
-
 def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   plan = check_settings(config, mesh)
@@ -80,7 +72,8 @@ def run(config, workdir: str) -> dict:
                 cache_pattern=config.sample.cache_pattern,
                 **{f"icc_rank_{k}": v for k, v in config.icc.ranks.items()}, icc_params=icc_params,
                 cached_steps=sum(k.cache == "read" for k in plan.step_kinds), calib_seconds=calib_seconds,
-                cache_bytes_per_image=cache_bytes_per_image(model_cfg, variables, table, config.sample.cfg_scale),
+                cache_bytes_per_image=sample.state_bytes_per_image(model_cfg, variables, table,
+                                                                   config.sample.cfg_scale),
                 model=os.path.basename(config.params))
   result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, table))
   full = plan_lib.StepPlan(plan.schedule, plan.steps, ("full",) * len(plan.steps))

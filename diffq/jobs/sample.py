@@ -177,10 +177,18 @@ def save_samples(path: str, images_u8: np.ndarray, labels: np.ndarray) -> None:
   npz.atomic_write(path, write)
 
 
+def state_bytes_per_image(model_cfg, variables, specs, cfg_scale: float) -> int:
+  """Bytes of the sampler state (ICC caches, MoDiff reconstructions) one image carries (2 rows under CFG)."""
+  model = dit.DiT(config=model_cfg, specs=tuple(specs))
+  rows = 2 if cfg_scale != 1.0 else 1
+  state = jax.eval_shape(lambda v: dit.init_state(model, v, rows), variables)
+  return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(state)))
+
+
 def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, workdir: str, mesh,
                      specs=()) -> dict:
   """Draws config.num_samples under `plan`, writes samples.npz + grid.png, and returns sampling (+ evaluation)
-  metrics."""
+  metrics (`state_bytes_per_image`: the sampler state one image carries)."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   images, labels = generate(config, plan, model_cfg, variables, mesh, specs)
@@ -192,7 +200,8 @@ def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, work
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
                 gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale, specs) / 1e9,
                 params=sum(int(np.prod(x.shape)) for x in  # the model's weights, whatever the export stores
-                           jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])))
+                           jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])),
+                state_bytes_per_image=state_bytes_per_image(model_cfg, variables, specs, config.cfg_scale))
   if config.evaluate:
     from diffq.jobs import evaluate
     result.update(evaluate.score(config.eval, images, labels))
