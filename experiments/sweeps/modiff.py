@@ -1,0 +1,20 @@
+"""Activation parts for low-bit activations under the protocol (experiments/PROTOCOL.md: N = 5000, DDIM 20,
+seed 0, CFG 3): the static per-step quantizer of wave 1, dynamic min-max, MoDiff with dynamic difference ranges
+and MoDiff with calibrated per-step difference ranges (the Q-Diff variant), per weight method and bit setting.
+MoDiff's first step runs float activations (the released code's warm-up); per-tensor ranges throughout."""
+NAME = "modiff"
+COLUMNS = ["setting", "method", "act", "fid", "sfid", "is", "precision", "recall", "class_acc", "bits_per_weight",
+           "state_bytes_per_image", "quant_seconds", "seconds"]
+PIVOTS = [dict(rows="act", cols="setting", value="fid"), dict(rows="act", cols="setting", value="class_acc")]
+LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
+SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4), (3, 4), (2, 4))
+ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
+        "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"})}
+METHODS = ("uniform",)
+
+RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
+             labels={"setting": "FP", "act": "float"})]
+RUNS += [dict(name=f"w{w}a{a}_{m}_{name}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act={spec['act']}",
+              overrides={"sample.num_samples": 5000, "sample.seed": 0, **spec.get("overrides", {})},
+              labels={"setting": f"W{w}A{a}", "method": m, "act": name})
+         for w, a in SETTINGS for m in METHODS for name, spec in ACTS.items()]
