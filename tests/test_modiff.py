@@ -193,3 +193,27 @@ def test_distillation_carries_the_modulation_state_along_each_trajectory():
       want = float(np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2))
       np.testing.assert_allclose(losses[j * len(cal.plan.steps) + i], want, rtol=2e-3)
       x = sampler.denoise_step(cal.plan.schedule, "ddim", 0.0, fp, x, jnp.int32(step), jnp.zeros_like(x))
+
+
+def test_bitops_count_the_warmup_step_in_float_and_the_differences_at_their_bits():
+  """Reference: per-layer MACs (flops.dit_layer_macs) x weight bits x activation bits, summed by hand: W4 body
+  linears with 4-bit differences after a float first step, W8A8 boundary layers, float attention products."""
+  from diffq.eval import flops
+  cfg, _, _ = tiny_setup()
+  plan = plan_lib.make_plan(1000, "ddim5")
+  table = (("x_embedder", rules.scalar_spec(8, 8, 5)), ("t_embedder/*", rules.scalar_spec(8, 8, 5)),
+           ("final_layer/*", rules.scalar_spec(8, 8, 5)), ("*", rules.scalar_spec(4, 4, 5, act=inputs.Modulated(4))))
+  macs = flops.dit_layer_macs(cfg)
+  want = 0
+  for step in range(5):
+    for path, m in macs.items():
+      if path.endswith(flops.ATTENTION_PRODUCTS):
+        want += m * 32 * 32
+      elif path.startswith(("x_embedder", "t_embedder", "final_layer")):
+        want += m * 8 * 8
+      else:
+        want += m * 4 * (32 if step == 0 else 4)
+  assert flops.bitops_per_image(cfg, plan, 3.0, table) == 2 * want
+  assert flops.bitops_per_image(cfg, plan, 1.0, ()) == 5 * sum(macs.values()) * 32 * 32
+  with pytest.raises(ValueError, match="per-channel"):
+    flops.bitops_per_image(cfg, plan, 1.0, (("*", rules.scalar_spec(3, 4, 5, mixed=True)),))

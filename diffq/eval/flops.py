@@ -13,6 +13,9 @@ M_t = A1 diag(g) B2 (tokens x r1 x hidden x r2) instead of fc2's input projectio
 """
 from __future__ import annotations
 
+import flax
+
+from diffq.models import dit
 from diffq.models.dit import DiTConfig
 from diffq.plan import FULL, StepKind, StepPlan
 from diffq.seam import caches, spec as spec_lib
@@ -79,6 +82,33 @@ def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0, table
   (scale != 1) doubles the batch."""
   per_kind = {k: macs_per_call(cfg, k, table) for k in set(plan.step_kinds)}
   return sum(per_kind[k] for k in plan.step_kinds) * (2 if cfg_scale != 1.0 else 1)
+
+
+def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: spec_lib.SpecTable,
+                     quant: dict | None = None) -> float:
+  """BitOPs to draw one image: every step's MACs (by its kind) x weight bits x that step's activation bits, per
+  layer. Weight bits are the weight part's stored bits per weight (per-channel OMQ bits from `quant`, else its
+  nominal bits; float = 32); activation bits come from the input part per step (MoDiff: the warm-up on the first
+  step of each plan segment, the difference's bits after). Attention products run in float (32 x 32)."""
+  shapes = {k[:-len("/kernel")]: v.shape for k, v in flax.traverse_util.flatten_dict(
+      dit.variable_shapes(cfg)["params"], sep="/").items() if k.endswith("/kernel")}
+  flat_quant = flax.traverse_util.flatten_dict(quant or {}, sep="/")
+  firsts = {start for start, _ in plan.segments}
+  w_bits = {}
+  for path, (n_in, n_out) in shapes.items():
+    spec = spec_lib.resolve(path, table)
+    q = {k[len(path) + 1:]: v for k, v in flat_quant.items() if k.rsplit("/", 1)[0] == path}
+    if getattr(spec.weight, "mixed", False) and "w_bits" not in q:
+      raise ValueError(f"Layer {path} has per-channel (OMQ) weight bits: pass its quant collection to count BitOPs.")
+    w_bits[path] = spec.weight.stored_bits(q, n_in, n_out) / (n_in * n_out)
+  total = 0.0
+  for i, kind in enumerate(plan.step_kinds):
+    for path, m in step_layer_macs(cfg, kind, table).items():
+      if path.endswith(ATTENTION_PRODUCTS):
+        total += m * 32 * 32
+      else:
+        total += m * w_bits[path] * spec_lib.resolve(path, table).input.step_bits(i in firsts)
+  return total * (2 if cfg_scale != 1.0 else 1)
 
 
 def bitops_per_call(cfg: DiTConfig, w_bits: dict[str, float] | None = None, a_bits: dict[str, float] | None = None,

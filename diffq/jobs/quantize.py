@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from diffq import calibrate, distill, parallel, plan as plan_lib
+from diffq.eval import flops
 from diffq.io import npz, quantized
 from diffq.jobs import common, loop, sample, stages
 from diffq.models import dit
@@ -220,5 +221,7 @@ def run(config, workdir: str) -> dict:
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = quantized.import_quantized(path)
   result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table))
+  result["gbitops_per_image"] = flops.bitops_per_image(model_cfg, plan, config.sample.cfg_scale, int_table,
+                                                       variables.get("quant")) / 1e9
   common.write_metrics(workdir, result)
   return result

@@ -41,6 +41,10 @@ class Float:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
+  def step_bits(self, first: bool) -> int:
+    """Bits of the matmul's activation operand on a step (`first`: the trajectory's first call); 32 = float."""
+    return 32
+
   def __call__(self, layer, x, q: dict, ctx):
     return x
 
@@ -65,6 +69,9 @@ class Static:
 
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
+
+  def step_bits(self, first: bool) -> int:
+    return self.bits
 
   def __call__(self, layer, x, q: dict, ctx):
     i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, self.steps - 1)
@@ -118,6 +125,9 @@ class Dynamic:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
+  def step_bits(self, first: bool) -> int:
+    return self.bits
+
   def __call__(self, layer, x, q: dict, ctx):
     return _min_max_quant(x, self.bits, self.granularity)
 
@@ -170,6 +180,11 @@ class Modulated:
     if self.quantizer != "static":
       return {}
     return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
+
+  def step_bits(self, first: bool) -> int:
+    """The difference's bits; the warm-up call's (float = 32, or `warmup_bits`) on the first step. The increment
+    datapath (o_hat + W Q(delta)) multiplies only the low-bit difference."""
+    return (self.warmup_bits or 32) if first else self.bits
 
   def __call__(self, layer, x, q: dict, ctx):
     """x_hat_t (..., C) for the input x_t (..., C) of a network call, updating the layer's `modulation` state."""
