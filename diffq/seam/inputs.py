@@ -74,9 +74,8 @@ class Static:
     return self.bits
 
   def __call__(self, layer, x, q: dict, ctx):
-    i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, self.steps - 1)
     gscale = 1.0 if self.grad == "ste" else 1.0 / math.sqrt(x.size * (2 ** self.bits - 1))
-    return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(self.bits), False, gscale)
+    return _step_quant(x, q, ctx, self.steps, self.bits, gscale)
 
   def calibrate(self, layer) -> dict:
     """Per step: the MSE-searched per-tensor (scale, zero) of x / s, candidates spanning the whole tensor's
@@ -87,16 +86,14 @@ class Static:
                        f"{stats['in_min'].shape[0]} steps; set steps to the number of sampling steps.")
     smooth = layer.q.get("smooth")
     channel = stats["in_sample_channel"]
-    scales, zeros = [], []
+    steps = []
     for i in range(self.steps):
       lo, hi, sample = stats["in_min"][i], stats["in_max"][i], stats["in_sample"][i]
       if smooth is not None:  # x / s as XLA computes it in the layer: x * (1 / s), s broadcast over tokens
         inv = 1.0 / smooth
         lo, hi, sample = lo * inv, hi * inv, sample * inv[channel]
-      s, z = _step_range(sample, jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True), self.bits)
-      scales.append(s.reshape(()))
-      zeros.append(z.reshape(()))
-    return {"a_scale": jnp.stack(scales), "a_zero": jnp.stack(zeros)}
+      steps.append((lo, hi, sample))
+    return _per_step_ranges(steps, self.bits)
 
   def deployed(self):
     return self
@@ -105,6 +102,21 @@ class Static:
 @functools.partial(jax.jit, static_argnums=(3,))
 def _step_range(sample, lo, hi, bits):
   return ranges.mse_range(sample, bits, (0,), bounds=(lo, hi))
+
+
+def _per_step_ranges(steps, bits: int) -> dict:
+  """{'a_scale', 'a_zero'} (S,): per step, the MSE-searched per-tensor pair of the entries `sample`, candidates
+  spanning [min lo, max hi]; `steps` is a list of (lo, hi, sample)."""
+  pairs = [_step_range(sample, jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True), bits)
+           for lo, hi, sample in steps]
+  return {"a_scale": jnp.stack([s.reshape(()) for s, _ in pairs]),
+          "a_zero": jnp.stack([z.reshape(()) for _, z in pairs])}
+
+
+def _step_quant(x, q: dict, ctx, steps: int, bits: int, gscale: float = 1.0):
+  """Q(x) with the calibrated (scale, zero) of plan index ctx.index (clipped to the `steps` calibrated)."""
+  i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, steps - 1)
+  return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(bits), False, gscale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,8 +225,7 @@ class Modulated:
   def _quant(self, delta, q: dict, ctx):
     if self.quantizer == "dynamic":
       return _min_max_quant(delta, self.bits, self.granularity)
-    i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, self.steps - 1)
-    return ops.fake_quant(delta, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(self.bits))
+    return _step_quant(delta, q, ctx, self.steps, self.bits)
 
   def calibrate(self, layer) -> dict:
     """Per step i >= 1: the MSE-searched (scale, zero) of the FP trajectory's increments x_i - x_{i-1}, candidates
@@ -233,14 +244,10 @@ class Modulated:
     lo, hi, sample = stats["in_delta_min"], stats["in_delta_max"], stats["in_delta_sample"]
     if self.steps == 1:  # pooled over the steps
       lo, hi, sample = lo.min(0, keepdims=True), hi.max(0, keepdims=True), sample.reshape(1, -1)
-    scales, zeros = [], []
-    for i in range(lo.shape[0]):
-      s, z = _step_range(sample[i], jnp.min(lo[i], keepdims=True), jnp.max(hi[i], keepdims=True), self.bits)
-      scales.append(s.reshape(()))
-      zeros.append(z.reshape(()))
+    out = _per_step_ranges([(lo[i], hi[i], sample[i]) for i in range(lo.shape[0])], self.bits)
     if self.steps > 1:  # step 0 is the warm-up; it keeps step 1's pair
-      scales, zeros = scales[:1] + scales, zeros[:1] + zeros
-    return {"a_scale": jnp.stack(scales), "a_zero": jnp.stack(zeros)}
+      out = {k: jnp.concatenate([v[:1], v]) for k, v in out.items()}
+    return out
 
   def deployed(self):
     return self
