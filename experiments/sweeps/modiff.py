@@ -10,11 +10,15 @@ LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
 SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4), (3, 4), (2, 4))
 ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
         "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"})}
-METHODS = ("uniform",)
+# The best weight method of the quantization grid (experiments/results/quant_grid.md) at each setting: distillation
+# makes W3A4/W4A4 worse than PTQ there (issue 12), MPQ-DM is the W2A4 command's method.
+METHODS = {(2, 4): ("mpqdm",)}
+GRID = {(8, 8), (4, 4), (3, 4), (2, 4)}  # settings the grid ran: their static rows are the grid's runs
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
              labels={"setting": "FP", "act": "float"})]
 RUNS += [dict(name=f"w{w}a{a}_{m}_{name}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act={spec['act']}",
               overrides={"sample.num_samples": 5000, "sample.seed": 0, **spec.get("overrides", {})},
-              labels={"setting": f"W{w}A{a}", "method": m, "act": name})
-         for w, a in SETTINGS for m in METHODS for name, spec in ACTS.items()]
+              labels={"setting": f"W{w}A{a}", "method": m, "act": name},
+              **({"workdir": f"quant_grid/w{w}a{a}_{m}"} if name == "static" and (w, a) in GRID else {}))
+         for w, a in SETTINGS for m in METHODS.get((w, a), ("uniform",)) for name, spec in ACTS.items()]
