@@ -20,6 +20,8 @@ Activations (`act=`, the body layers' input part; `quant.act_granularity` tensor
   modiff       MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in float;
                `quant.modiff.quantizer` dynamic | static (per-step ranges of the FP increments), `.compensate`,
                `.warmup_bits` (0 = float)
+  rotate       static, after a randomised block-Hadamard rotation of the input (W <- R^T W offline; quant.rotate)
+  rotate_modiff  modiff after the rotation
 """
 from configs import sample as sample_config
 from diffq import configlib
@@ -32,11 +34,16 @@ METHODS = {
     "mpqdm": dict(omq=True, trd=True, lora=True),
 }
 
+ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("modiff", False),
+        "rotate": ("static", True), "rotate_modiff": ("modiff", True)}  # act= -> (quant.act, quant.rotate)
+
 
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="static", quick=False, xl2=False)
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
+  if arg.act not in ACTS:
+    raise ValueError(f"Unknown act {arg.act!r}; choose one of {sorted(ACTS)}.")
   m = METHODS[arg.method]
   c = configlib.ml_collections.ConfigDict()
   c.job = "quantize"
@@ -47,7 +54,8 @@ def get_config(arg=None):
   c.quant = dict(w_bits=arg.w, a_bits=arg.a, w_symmetric=False, w_group_size=0, grad="ste",
                  keep_8bit="x_embedder,t_embedder/*,final_layer/*", smooth=m["omq"], omq=m["omq"],
                  omq_fractions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), lora_rank=32 if m["lora"] else 0,
-                 act=arg.act,                 # static | dynamic | modiff (see the docstring)
+                 act=ACTS[arg.act][0],        # static | dynamic | modiff (see the docstring)
+                 rotate=ACTS[arg.act][1],     # block-Hadamard rotation of the body layers' inputs
                  act_granularity="tensor",    # dynamic / modiff ranges: tensor | sample (per row) | token
                  modiff=dict(quantizer="dynamic", compensate=True, warmup_bits=0))
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).

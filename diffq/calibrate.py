@@ -6,8 +6,10 @@
    first images (OMQ), X^T X (additive VQ), row-normalised per-channel mean magnitudes of inputs and outputs and of their increments
    between adjacent steps (ICC). Each step's network call is traced once, so it runs under jit on a sharded
    batch (reductions over the batch become cross-device all-reduces).
-3. `calibrate`: each layer's parts calibrate in pipeline order (smoothing, weight, input, cache) from those
-   statistics and the variables calibrated before them; returns the model's `quant` collection.
+3. `calibrate`: each layer's parts calibrate in pipeline order (smoothing, rotation, weight, input, cache) from
+   those statistics and the variables calibrated before them; returns the model's `quant` collection. A rotated
+   layer's weight and input statistics come from a second pass over its rotated input (x / s) R: a rotation
+   mixes channels, so they cannot be derived from the first pass's per-channel ones as smoothing's are.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ import jax.numpy as jnp
 
 from diffq import plan as plan_lib, sampler
 from diffq.models import dit, layers
-from diffq.quant import ranges
+from diffq.quant import ranges, rotation
 from diffq.seam import spec as spec_lib
 
-PARTS = ("smooth", "weight", "input", "cache")  # calibration order within a layer
+PARTS = ("smooth", "rotate", "weight", "input", "cache")  # calibration order within a layer
 
 
 def fp_trajectory(model_fn: Callable, variables, key, labels, plan: plan_lib.StepPlan, shape, cfg_scale: float,
@@ -91,8 +93,8 @@ def _sample_index(size: int, sample_size: int):
 
 
 def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTable, cal: CalibrationSet,
-               requests: dict[str, tuple[str, ...]], sample_size: int = 16384,
-               images_per_step: int = 2) -> dict[str, dict[str, jax.Array]]:
+               requests: dict[str, tuple[str, ...]], sample_size: int = 16384, images_per_step: int = 2,
+               transforms: dict[str, Callable] | None = None) -> dict[str, dict[str, jax.Array]]:
   """{layer path: {statistic: array}} of the model under `table` over the calibration set, for the statistics
   `requests` names per layer. Per step (leading axis S): in_min, in_max (in,) per-channel input range;
   in_xtx (in, in) the input's X^T X over rows and tokens; in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
@@ -100,7 +102,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
   in_delta_absmean, out_delta_absmean (S - 1 pairs of adjacent steps) the same of the increments, and
   in_delta_min, in_delta_max (in,), in_delta_sample (k,) of the input increments x_i - x_{i-1}. in_rows: the
   inputs of the first `images_per_step` images (and their guidance twins), steps concatenated
-  (S * rows, ..., in)."""
+  (S * rows, ..., in). A layer in `transforms` ({path: fn}) has its statistics taken of fn(input) instead."""
   model = dit.DiT(config=model_cfg, specs=tuple(table))
   n = cal.xs.shape[1]
   keep = jnp.concatenate([jnp.arange(images_per_step), n + jnp.arange(images_per_step)]) \
@@ -112,6 +114,8 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
     stats, raw = {}, {}
     for p, names in requests.items():
       a, out = got[p]
+      if transforms and p in transforms:
+        a = transforms[p](a)
       s = {}
       if "in_min" in names:
         flat = a.reshape(-1, a.shape[-1])
@@ -135,7 +139,8 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
           d = a - prev[p][0]
           flat = d.reshape(-1, d.shape[-1])
           s["in_delta_min"], s["in_delta_max"] = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
-          s["in_delta_sample"] = d.reshape(-1)[_sample_index(d.size, sample_size)]
+          idx = _sample_index(d.size, sample_size)
+          s["in_delta_sample"], s["in_delta_sample_channel"] = d.reshape(-1)[idx], idx % d.shape[-1]
       stats[p] = s
     return stats, raw
 
@@ -149,12 +154,12 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
   out = {}
   for p, names in requests.items():
     keys = set(per_step[-1][p])
-    s = {k: jnp.stack([st[p][k] for st in per_step if k in st[p]]) for k in keys - {"in_rows",
-                                                                                  "in_sample_channel"}}
+    channels = {"in_sample_channel", "in_delta_sample_channel"} & keys
+    s = {k: jnp.stack([st[p][k] for st in per_step if k in st[p]]) for k in keys - {"in_rows"} - channels}
     if "in_rows" in keys:
       s["in_rows"] = jnp.concatenate([st[p]["in_rows"] for st in per_step])
-    if "in_sample_channel" in keys:
-      s["in_sample_channel"] = per_step[0][p]["in_sample_channel"]
+    for k in channels:
+      s[k] = per_step[-1][p][k]
     out[p] = s
   return out
 
@@ -181,7 +186,7 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
   Statistics come from the model `variables` runs under `base_table` (the FP network for quantization; a
   quantized model for caching on top of it). The `parts` named are calibrated (the others keep the values in
   `variables["quant"]`, or their neutral initial values): smoothing scales (SmoothQuant on the inputs' absmax),
-  weight quantizers (OMQ bit vectors with k searched over `omq_fractions`, then MSE ranges), per-step input
+  rotation signs (rotation.random_signs), weight quantizers (OMQ bit vectors with k searched over `omq_fractions`, then MSE ranges), per-step input
   quantizers, ICC factors. LoRA stays at its initialisation (B = 0: merged weight = FP weight)."""
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
@@ -191,26 +196,38 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
   flat = {k: given.get(k, v) for k, v in template.items()}
   paths = sorted({"/".join(k[:-1]) for k in flat})
   specs = {p: spec_lib.resolve(p, table) for p in paths}
-  active = lambda s, part: part in parts and (s.smooth if part == "smooth" else hasattr(getattr(s, part),
-                                                                                         "calibrate"))
-  requests = {}
+  active = lambda s, part: part in parts and (getattr(s, part) if part in ("smooth", "rotate") else
+                                              hasattr(getattr(s, part), "calibrate"))
+  needs = lambda s, names: [n for part in names if active(s, part)
+                            for n in (("in_min", "in_max") if part == "smooth" else getattr(s, part).stats)]
+  raw, rotated = {}, {}  # requests of the first pass (layer inputs), of the second (rotated layers' (x / s) R)
   for p, s in specs.items():
-    need = [n for part in PARTS if active(s, part)
-            for n in (("in_min", "in_max") if part == "smooth" else getattr(s, part).stats)]
-    if need:
-      requests[p] = tuple(dict.fromkeys(need))
-  stats = statistics(model_cfg, variables, base_table, cal, requests, act_sample_size, omq_images_per_step) \
+    if s.rotate:
+      raw[p], rotated[p] = needs(s, ("smooth", "cache")), needs(s, ("weight", "input"))
+    else:
+      raw[p] = needs(s, ("smooth", "weight", "input", "cache"))
+  pass_stats = lambda requests, transforms=None: statistics(
+      model_cfg, variables, base_table, cal, requests, act_sample_size, omq_images_per_step, transforms) \
       if requests else {}
+  stats = pass_stats({p: tuple(dict.fromkeys(n)) for p, n in raw.items() if n})
+  qs, kernels = {}, {}
+  for p, s in specs.items():
+    q = qs[p] = {k[-1]: v for k, v in flat.items() if "/".join(k[:-1]) == p}
+    kernel = kernels[p] = _tree_get(variables["params"], p).get("kernel")
+    if active(s, "smooth"):
+      st = stats[p]
+      absmax = jnp.maximum(jnp.max(st["in_max"], axis=0), -jnp.min(st["in_min"], axis=0))
+      q["smooth"] = ranges.smooth_scale(absmax, jnp.max(jnp.abs(kernel), axis=1))
+    if active(s, "rotate"):
+      q["rot_signs"] = rotation.random_signs(kernel.shape[0])
+  second = {p: tuple(dict.fromkeys(n)) for p, n in rotated.items() if n}
+  stats_rotated = pass_stats(second, {p: (lambda a, s=specs[p], q=qs[p]: s.transform_input(a, q)) for p in second})
   report = {}
   options = dict(omq_fractions=tuple(omq_fractions))
   for p, s in specs.items():
-    q = {k[-1]: v for k, v in flat.items() if "/".join(k[:-1]) == p}
-    kernel = _tree_get(variables["params"], p).get("kernel")
-    layer = spec_lib.LayerData(p, s, kernel, stats.get(p, {}), q, options, {})
-    if active(s, "smooth"):
-      st = layer.stats
-      absmax = jnp.maximum(jnp.max(st["in_max"], axis=0), -jnp.min(st["in_min"], axis=0))
-      q["smooth"] = ranges.smooth_scale(absmax, jnp.max(jnp.abs(kernel), axis=1))
+    q, kernel = qs[p], kernels[p]
+    layer = spec_lib.LayerData(p, s, kernel, {**stats.get(p, {}), **stats_rotated.get(p, {})}, q, options, {},
+                               transformed=p in stats_rotated)
     for part in ("weight", "input", "cache"):
       if active(s, part):
         q.update(getattr(s, part).calibrate(layer))

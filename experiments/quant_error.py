@@ -4,7 +4,8 @@
 
 For each run's exported `quantized.npz` (re-imported exactly as the quantize job samples from it):
   * teacher-forced error per sampling step i: ||eps_q(x_i) - eps_fp(x_i)||^2 / ||eps_fp(x_i)||^2 of the CFG-guided
-    eps on the FP model's own DDIM inputs x_i (one new seed, class-balanced images);
+    eps on the FP model's own DDIM inputs x_i (one new seed, class-balanced images), in step order (MoDiff's
+    state runs along that trajectory);
   * the same with activations left in float (`a_bits` = 0 in every layer): the weight-only share of the error;
   * free-running error: RMS pixel difference of x_0 sampled by the quantized and the FP model from the same noise;
   * per layer group (`--groups`): the teacher-forced error with that group's activations left in float, i.e. how
@@ -52,22 +53,32 @@ def float_acts_in(table, pattern: str, layer_paths):
 
 
 def guided_eps_fn(model_cfg, table):
-  model_fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table)))
-  return model_fn, jax.jit(lambda v, x, t, y, step, cfg: sampler.guided(
-      model_fn, v, {}, x, t, y, plan_lib.StepContext(step), cfg, model_cfg.num_classes)[0][
-          ..., :model_cfg.in_channels], static_argnums=5)
+  """(model_fn, jitted (variables, state, x, t, y, step, cfg) -> (guided eps, state), model)."""
+  model = dit.DiT(config=model_cfg, specs=tuple(table))
+  model_fn = dit.model_fn(model)
+
+  def eps(v, state, x, t, y, step, cfg):
+    out, state = sampler.guided(model_fn, v, state, x, t, y, plan_lib.StepContext(step), cfg, model_cfg.num_classes)
+    return out[..., :model_cfg.in_channels], state
+  return model_fn, jax.jit(eps, static_argnums=6), model
 
 
-def per_step_eps(eps_fn, variables, xs, labels, plan, cfg_scale) -> list[jax.Array]:
-  """Guided eps of every step on the FP trajectory's inputs xs (S, N, H, W, C)."""
-  return [eps_fn(variables, xs[i], jnp.full((labels.shape[0],), int(t), jnp.int32), labels, i, cfg_scale)
-          for i, t in enumerate(plan.model_timesteps)]
+def per_step_eps(eps_fn, model, variables, xs, labels, plan, cfg_scale) -> list[jax.Array]:
+  """Guided eps of every step on the FP trajectory's inputs xs (S, N, H, W, C), in step order: a stateful
+  model (MoDiff) carries its state along that trajectory from zeros."""
+  state = dit.init_state(model, variables, labels.shape[0] * (2 if cfg_scale != 1.0 else 1))
+  out = []
+  for i, t in enumerate(plan.model_timesteps):
+    e, state = eps_fn(variables, state, xs[i], jnp.full((labels.shape[0],), int(t), jnp.int32), labels, i,
+                      cfg_scale)
+    out.append(e)
+  return out
 
 
-def per_step_error(eps_fn, variables, ref_eps, xs, labels, plan, cfg_scale) -> np.ndarray:
+def per_step_error(eps_fn, model, variables, ref_eps, xs, labels, plan, cfg_scale) -> np.ndarray:
   """(S,) relative squared error of eps_fn's guided eps against the FP model's `ref_eps` at each step."""
   return np.array([float(jnp.sum((a - b) ** 2) / jnp.sum(b ** 2)) for a, b in
-                   zip(per_step_eps(eps_fn, variables, xs, labels, plan, cfg_scale), ref_eps)])
+                   zip(per_step_eps(eps_fn, model, variables, xs, labels, plan, cfg_scale), ref_eps)])
 
 
 def main() -> None:
@@ -90,13 +101,15 @@ def main() -> None:
   labels = jnp.arange(args.images, dtype=jnp.int32) % model_cfg.num_classes
   ids = jnp.arange(args.images)
   key = jax.random.key(args.seed)
-  fp_fn, eps_fp = guided_eps_fn(model_cfg, ())
-  draw = lambda fn, v: jax.jit(lambda v: sampler.sample(
+  fp_fn, eps_fp, fp_model = guided_eps_fn(model_cfg, ())
+  net_rows = args.images * (2 if args.cfg_scale != 1.0 else 1)
+  draw = lambda fn, model, v: jax.jit(lambda v: sampler.sample(
       fn, v, key, labels, ids, plan=plan, shape=shape, method="ddim", cfg_scale=args.cfg_scale,
-      null_class=model_cfg.num_classes, clip_x0=True, return_trajectory=True))(v)
-  x0_fp, xs = draw(fp_fn, {"params": params})
-  ref_eps = per_step_eps(eps_fp, {"params": params}, xs, labels, plan, args.cfg_scale)  # shared by every run
-  error = lambda cfg, table, variables: per_step_error(guided_eps_fn(cfg, table)[1], variables, ref_eps, xs,
+      null_class=model_cfg.num_classes, clip_x0=True, state=dit.init_state(model, v, net_rows),
+      return_trajectory=True))(v)
+  x0_fp, xs = draw(fp_fn, fp_model, {"params": params})
+  ref_eps = per_step_eps(eps_fp, fp_model, {"params": params}, xs, labels, plan, args.cfg_scale)  # every run's
+  error = lambda cfg, table, variables: per_step_error(*guided_eps_fn(cfg, table)[1:], variables, ref_eps, xs,
                                                        labels, plan, args.cfg_scale)
   groups = [g for g in args.groups.split(",") if g]
   curves, rows, group_rows = {}, [], []
@@ -104,7 +117,8 @@ def main() -> None:
     qcfg, variables, table = quantized.import_quantized(os.path.join(r, "quantized.npz"))
     name = os.path.basename(os.path.normpath(r))
     e_full, e_w = error(qcfg, table, variables), error(qcfg, weight_only(table), variables)
-    x0_q, _ = draw(guided_eps_fn(qcfg, table)[0], variables)
+    fn, _, model = guided_eps_fn(qcfg, table)
+    x0_q, _ = draw(fn, model, variables)
     rms = float(jnp.sqrt(jnp.mean((x0_q - x0_fp) ** 2)))
     curves[name] = (e_full, e_w)
     rows.append((name, e_full.mean(), e_w.mean(), e_full[:5].mean(), e_full[-5:].mean(), rms))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffq import parallel, plan as plan_lib, sampler
+from diffq import calibrate, parallel, plan as plan_lib, sampler
 from diffq.models import dit, layers
 from diffq.seam import inputs, rules, spec as spec_lib
 from tests.test_calibrate import tiny_setup
@@ -45,9 +45,11 @@ def smooth_trajectory(steps=8, rows=3, tokens=5, c=16, seed=0):
   return np.stack([base + 0.15 * k * drift + 0.02 * rng.normal(size=base.shape) for k in range(steps)])
 
 
-def run_layer(part, xs, w, b):
-  layer = layers.Linear(w.shape[1], spec=spec_lib.LayerSpec(input=part))
-  v = {"params": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}}
+def run_layer(part, xs, w, b, quant=None):
+  """The outputs of a Linear with input part `part` (or the LayerSpec `part`) over the calls xs, and its state."""
+  spec = part if isinstance(part, spec_lib.LayerSpec) else spec_lib.LayerSpec(input=part)
+  layer = layers.Linear(w.shape[1], spec=spec)
+  v = {"params": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}, **({"quant": quant} if quant else {})}
   state = layer.init(jax.random.key(0), jnp.asarray(xs[0], jnp.float32))[inputs.STATE]
   state = jax.tree.map(jnp.zeros_like, state)
   outs = []
@@ -100,7 +102,6 @@ def test_granularity_and_warmup_bits():
 
 def test_static_modulated_ranges_come_from_the_fp_increments():
   cfg, params, cal = tiny_setup()
-  from diffq import calibrate
   table = (("blocks_*", spec_lib.LayerSpec(input=inputs.Modulated(4, "static", steps=len(cal.plan.steps)))),)
   quant, _ = calibrate.calibrate(cfg, {"params": params}, cal, table, parts=("input",))
   q = quant["blocks_0"]["mlp"]["fc1"]
@@ -120,11 +121,12 @@ def test_static_modulated_ranges_come_from_the_fp_increments():
   assert float(q["a_scale"][1]) <= span * 1.0001 and np.isclose(q["a_scale"][0], q["a_scale"][1])
 
 
-def modiff_sample(cfg, params, mesh, part, n=8):
-  table = (("blocks_*", spec_lib.LayerSpec(input=part)),)
+def modiff_sample(cfg, params, mesh, part, n=8, rotate=False):
+  table = (("blocks_*", spec_lib.LayerSpec(input=part, rotate=rotate)),)
   model = dit.DiT(config=cfg, specs=table)
   plan = plan_lib.make_plan(1000, "ddim6")
-  v = jax.device_put({"params": params}, parallel.replicated(mesh))
+  quant = {"quant": calibrate.quant_template(cfg, table)} if rotate else {}  # rotation signs all +1
+  v = jax.device_put({"params": params, **quant}, parallel.replicated(mesh))
   labels, ids = parallel.shard_batch((np.arange(n, dtype=np.int32) % cfg.num_classes, np.arange(n, dtype=np.int32)),
                                      mesh)
   fn = jax.jit(lambda v, y, i: sampler.sample(dit.model_fn(model), v, jax.random.key(0), y, i, plan=plan,

@@ -24,11 +24,13 @@ CASES = {
     "group8_w4": dict(w_bits=4, a_bits=8, group_size=8),
     "mixed_w2_smooth": dict(w_bits=2, a_bits=4, mixed=True, smooth=True),
     "lora_smooth_w2": dict(w_bits=2, a_bits=4, smooth=True, lora_rank=4),
+    "rotate_smooth_w4a4": dict(w_bits=4, a_bits=4, smooth=True, rotate=True, lora_rank=4),
 }
 
 
 def quantized_model(case):
-  """A fake-quant tiny DiT with realistic, non-trivial quantizer state (random smoothing, OMQ bits, LoRA)."""
+  """A fake-quant tiny DiT with realistic, non-trivial quantizer state (random smoothing, rotation signs, OMQ
+  bits, LoRA)."""
   table = (("x_embedder", BOUNDARY), ("*", rules.scalar_spec(steps=2, **CASES[case])))
   quant = jax.tree.map(np.array, calibrate.quant_template(CFG, table))
   rng = np.random.default_rng(0)
@@ -37,12 +39,15 @@ def quantized_model(case):
     kernel = quantized._get(PARAMS, p)["kernel"]
     if spec.smooth:
       q["smooth"] = rng.uniform(0.5, 2.0, kernel.shape[0]).astype(np.float32)
+    if spec.rotate:
+      q["rot_signs"] = rng.choice([-1.0, 1.0], kernel.shape[0]).astype(np.float32)
     if spec.lora_rank:
       q["lora_b"] = rng.normal(0, 0.05, q["lora_b"].shape).astype(np.float32)
     if spec.weight.mixed:
       q["w_bits"] = rng.integers(1, 4, (1, kernel.shape[1])).astype(np.int32)
+    w = spec.replace(lora_rank=0).effective_weight(kernel, q)
     q["w_scale"], q["w_zero"] = map(np.asarray, weights.weight_ranges(
-        kernel, spec.weight, q.get("smooth"), q["w_bits"] if spec.weight.mixed else None))
+        w, spec.weight, q["w_bits"] if spec.weight.mixed else None))
     q["a_scale"] = rng.uniform(0.02, 0.1, 2).astype(np.float32)
     q["a_zero"] = rng.integers(0, 2 ** spec.input.bits, 2).astype(np.float32)
   return table, quant
@@ -106,8 +111,9 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
   assert stats["bits_per_weight"] == pytest.approx((bits_sum + 32 * emb) / (total + emb))
 
 
-def test_reimported_model_draws_identical_samples(tmp_path):
-  table, quant = quantized_model("lora_smooth_w2")
+@pytest.mark.parametrize("case", ["lora_smooth_w2", "rotate_smooth_w4a4"])
+def test_reimported_model_draws_identical_samples(case, tmp_path):
+  table, quant = quantized_model(case)
   quantized.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)
   cfg, variables, int_table = quantized.import_quantized(str(tmp_path / "q.npz"))
   plan = plan_lib.make_plan(1000, "ddim2")

@@ -17,6 +17,7 @@ import flax
 
 from diffq.models import dit
 from diffq.models.dit import DiTConfig
+from diffq.quant import rotation
 from diffq.plan import FULL, StepKind, StepPlan
 from diffq.seam import caches, spec as spec_lib
 
@@ -84,16 +85,22 @@ def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0, table
   return sum(per_kind[k] for k in plan.step_kinds) * (2 if cfg_scale != 1.0 else 1)
 
 
+ROTATION_ADD_BITOPS = 32  # one float32 addition of a rotation's fast Walsh-Hadamard transform
+
+
 def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: spec_lib.SpecTable,
-                     quant: dict | None = None) -> float:
+                     quant: dict | None = None, by_part: bool = False):
   """BitOPs to draw one image: every step's MACs (by its kind) x weight bits x that step's activation bits, per
   layer. Weight bits are the weight part's stored bits per weight (per-channel OMQ bits from `quant`, else its
   nominal bits; float = 32); activation bits come from the input part per step (MoDiff: the warm-up on the first
-  step of each plan segment, the difference's bits after). Attention products run in float (32 x 32)."""
+  step of each plan segment, the difference's bits after). Attention products run in float (32 x 32). A rotated
+  layer that computes adds its input's fast Walsh-Hadamard transform, rotation.adds_per_token float additions
+  per token at ROTATION_ADD_BITOPS each. `by_part`: {'linear', 'attention', 'rotation'} instead of the total."""
   shapes = {k[:-len("/kernel")]: v.shape for k, v in flax.traverse_util.flatten_dict(
       dit.variable_shapes(cfg)["params"], sep="/").items() if k.endswith("/kernel")}
   flat_quant = flax.traverse_util.flatten_dict(quant or {}, sep="/")
   firsts = {start for start, _ in plan.segments}
+  full = dit_layer_macs(cfg)
   w_bits = {}
   for path, (n_in, n_out) in shapes.items():
     spec = spec_lib.resolve(path, table)
@@ -101,14 +108,21 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
     if getattr(spec.weight, "mixed", False) and "w_bits" not in q:
       raise ValueError(f"Layer {path} has per-channel (OMQ) weight bits: pass its quant collection to count BitOPs.")
     w_bits[path] = spec.weight.stored_bits(q, n_in, n_out) / (n_in * n_out)
-  total = 0.0
+  parts = dict(linear=0.0, attention=0.0, rotation=0.0)
   for i, kind in enumerate(plan.step_kinds):
     for path, m in step_layer_macs(cfg, kind, table).items():
       if path.endswith(ATTENTION_PRODUCTS):
-        total += m * 32 * 32
-      else:
-        total += m * w_bits[path] * spec_lib.resolve(path, table).input.step_bits(i in firsts)
-  return total * (2 if cfg_scale != 1.0 else 1)
+        parts["attention"] += m * 32 * 32
+        continue
+      spec = spec_lib.resolve(path, table)
+      parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts)
+      if spec.rotate and m and not spec.cache.reads(kind):
+        n_in, n_out = shapes[path]
+        tokens = full[path] // (n_in * n_out)
+        parts["rotation"] += tokens * rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
+  scale = 2 if cfg_scale != 1.0 else 1
+  parts = {k: v * scale for k, v in parts.items()}
+  return parts if by_part else sum(parts.values())
 
 
 def bitops_per_call(cfg: DiTConfig, w_bits: dict[str, float] | None = None, a_bits: dict[str, float] | None = None,

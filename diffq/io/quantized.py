@@ -4,7 +4,7 @@
 the merged, smoothed weight). Per quantized layer the npz holds `w_packed` (uint8): output channel c's `in` codes packed at
 that channel's bit width (symmetric codes offset by 2^(b-1) to be unsigned), each channel starting on a byte
 boundary, channels in order (the byte offsets follow from the bit widths, so they are not stored); plus
-`w_scale`, `w_zero` (rounded, as used), `w_bits` (mixed precision), `smooth`, `a_scale`, `a_zero`. Float kernels
+`w_scale`, `w_zero` (rounded, as used), `w_bits` (mixed precision), `smooth`, `rot_signs`, `a_scale`, `a_zero`. Float kernels
 of quantized layers are not stored; LoRA is merged into the codes. Everything else (biases, the label table,
 float layers) stays float32 under `params/`. The manifest metadata holds the DiT config, the deployed spec table
 (`specs`, diffq/seam/spec.py dict form) and each quantized layer's (in, out). Exports written before the seam of
@@ -26,7 +26,7 @@ from diffq.quant import ops, pack
 from diffq.seam import spec as spec_lib, weights
 
 KIND = "dit_quantized"
-STORED = ("w_scale", "w_zero", "w_bits", "smooth", "a_scale", "a_zero")
+STORED = ("w_scale", "w_zero", "w_bits", "smooth", "rot_signs", "a_scale", "a_zero")
 
 
 def deployed_table(table: spec_lib.SpecTable) -> tuple:

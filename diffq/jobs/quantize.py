@@ -194,10 +194,11 @@ def run(config, workdir: str) -> dict:
   omq_keys = () if config.quant.omq else ("omq_fractions", "omq_images_per_step")
   calib_settings = dict(
       params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
-      # the input part's settings are recorded through the specs (wave-1 records stay valid)
-      quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff") + omq_keys),
-      specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()}]
-             for pat, d in spec_lib.table_to_list(table)],
+      # the input part's and rotation's settings are recorded through the specs, an unrotated spec without the
+      # key (wave-1 records stay valid)
+      quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff", "rotate") + omq_keys),
+      specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()
+                    if k != "rotate" or v}] for pat, d in spec_lib.table_to_list(table)],
       calib=without(config.calib.to_dict(), omq_keys),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
                    clip_x0=s.clip_x0))
@@ -221,7 +222,9 @@ def run(config, workdir: str) -> dict:
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = quantized.import_quantized(path)
   result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table))
-  result["gbitops_per_image"] = flops.bitops_per_image(model_cfg, plan, config.sample.cfg_scale, int_table,
-                                                       variables.get("quant")) / 1e9
+  bitops = flops.bitops_per_image(model_cfg, plan, config.sample.cfg_scale, int_table, variables.get("quant"),
+                                  by_part=True)
+  result["gbitops_per_image"] = sum(bitops.values()) / 1e9
+  result.update({f"gbitops_{part}_per_image": v / 1e9 for part, v in bitops.items()})
   common.write_metrics(workdir, result)
   return result

@@ -1,9 +1,10 @@
 """`Linear`: the one seam every DiT matmul goes through, a fixed pipeline over the parts of its `LayerSpec`.
 
     cached step (the cache part reads):   y = cache.read(x)
-    otherwise:   y = input(x / s) @ weight((W + A B) * s[:, None]) + b;   cache.write(x, y)
+    otherwise:   y = input((x / s) R) @ weight(Rᵀ ((W + A B) * s[:, None])) + b;   cache.write(x, y)
 
-with s the smoothing pre-scale (if `spec.smooth`) and A B LoRA (if `spec.lora_rank`). The parts' variables live
+with s the smoothing pre-scale (if `spec.smooth`), R the block-Hadamard rotation (if `spec.rotate`) and A B LoRA
+(if `spec.lora_rank`). The parts' variables live
 in their collections (`quant` for quantizers, LoRA, smoothing and ICC factors; `cache` for sampler state), float
 weights in `params`. See diffq/seam/ for the parts.
 """
@@ -34,7 +35,7 @@ class Linear(nn.Module):
       return s.cache.read(self, x, q)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32) \
         if s.weight.needs_kernel else None
-    x_in = x / q["smooth"] if s.smooth else x
+    x_in = s.transform_input(x, q)
     w = s.weight.matrix(q, lambda: s.effective_weight(kernel, q))
     y = jnp.dot(s.input(self, x_in, q, ctx), w.astype(x.dtype))
     if self.use_bias:

@@ -1,4 +1,4 @@
-"""Input parts: what a layer does to its (smoothed) input x before the matmul.
+"""Input parts: what a layer does to its (smoothed, rotated) input x before the matmul.
 
 - `Float`: x unchanged.
 - `Static`: per-tensor uniform fake-quant Q_a(x) with one calibrated (scale, zero) pair per sampling step
@@ -80,19 +80,10 @@ class Static:
   def calibrate(self, layer) -> dict:
     """Per step: the MSE-searched per-tensor (scale, zero) of x / s, candidates spanning the whole tensor's
     [min, max] and scored on the statistics pass's fixed random entries."""
-    stats = layer.stats
-    if self.steps != stats["in_min"].shape[0]:
+    steps = layer.input_ranges()
+    if self.steps != len(steps):
       raise ValueError(f"Layer {layer.path} keeps {self.steps} activation quantizers but the calibration plan has "
-                       f"{stats['in_min'].shape[0]} steps; set steps to the number of sampling steps.")
-    smooth = layer.q.get("smooth")
-    channel = stats["in_sample_channel"]
-    steps = []
-    for i in range(self.steps):
-      lo, hi, sample = stats["in_min"][i], stats["in_max"][i], stats["in_sample"][i]
-      if smooth is not None:  # x / s as XLA computes it in the layer: x * (1 / s), s broadcast over tokens
-        inv = 1.0 / smooth
-        lo, hi, sample = lo * inv, hi * inv, sample * inv[channel]
-      steps.append((lo, hi, sample))
+                       f"{len(steps)} steps; set steps to the number of sampling steps.")
     return _per_step_ranges(steps, self.bits)
 
   def deployed(self):
@@ -232,19 +223,16 @@ class Modulated:
     spanning their [min, max], scored on fixed random entries (step 0 is the warm-up; it keeps step 1's pair)."""
     if self.quantizer == "dynamic":
       return {}
-    stats = layer.stats
-    n = stats["in_delta_min"].shape[0] + 1
+    steps = layer.input_ranges("in_delta")
+    n = len(steps) + 1
     if self.steps not in (1, n):
       raise ValueError(f"Layer {layer.path} keeps {self.steps} modulated quantizers but the calibration plan has "
                        f"{n} steps; set steps to 1 (one range for every step, the released code's) or to the "
                        "number of sampling steps.")
-    if layer.q.get("smooth") is not None:
-      raise ValueError(f"Layer {layer.path}: a static modulated input does not calibrate under smoothing yet; use "
-                       "quantizer='dynamic' or smooth=False.")
-    lo, hi, sample = stats["in_delta_min"], stats["in_delta_max"], stats["in_delta_sample"]
     if self.steps == 1:  # pooled over the steps
-      lo, hi, sample = lo.min(0, keepdims=True), hi.max(0, keepdims=True), sample.reshape(1, -1)
-    out = _per_step_ranges([(lo[i], hi[i], sample[i]) for i in range(lo.shape[0])], self.bits)
+      steps = [(jnp.stack([lo for lo, _, _ in steps]).min(0), jnp.stack([hi for _, hi, _ in steps]).max(0),
+                jnp.concatenate([x for _, _, x in steps]))]
+    out = _per_step_ranges(steps, self.bits)
     if self.steps > 1:  # step 0 is the warm-up; it keeps step 1's pair
       out = {k: jnp.concatenate([v[:1], v]) for k, v in out.items()}
     return out

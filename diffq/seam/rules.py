@@ -1,8 +1,9 @@
 """Config blocks -> spec tables: which layer gets which parts.
 
 `quant_table(config.quant, steps)`: MPQ-DM's layout. Layers matching `keep_8bit` get W8A8 per-channel weights
-and per-step inputs, no smoothing/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
-W`w_bits`A`a_bits` with the configured options, and trains in distillation when it carries LoRA.
+and per-step inputs, no smoothing/rotation/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
+W`w_bits`A`a_bits` with the configured options (`quant.act` its input part, `quant.rotate` the Hadamard rotation
+of its input), and trains in distillation when it carries LoRA.
 `icc_rules(ranks, svd, state_dtype, mlp)`: the ICC cache part on the block linears, one rank per layer type.
 """
 from __future__ import annotations
@@ -35,12 +36,13 @@ def input_part(act: str, a_bits: int, steps: int, *, grad: str = "ste", granular
 
 
 def scalar_spec(w_bits: int, a_bits: int = 0, steps: int = 1, *, symmetric: bool = False, group_size: int = 0,
-                mixed: bool = False, smooth: bool = False, lora_rank: int = 0, grad: str = "ste", act=None):
+                mixed: bool = False, smooth: bool = False, rotate: bool = False, lora_rank: int = 0,
+                grad: str = "ste", act=None):
   """A fake-quant layer: W`w_bits` scalar weights, A`a_bits` inputs (0 = float; `act` an input part, default
   static per-step), trained in distillation when it carries LoRA."""
   act = input_part("static", a_bits, steps, grad=grad) if act is None else act
   return spec_lib.LayerSpec(weight=weights.Scalar(w_bits, symmetric, group_size, mixed, grad=grad), input=act,
-                            lora_rank=lora_rank, smooth=smooth, train=lora_rank > 0)
+                            lora_rank=lora_rank, smooth=smooth, rotate=rotate, train=lora_rank > 0)
 
 
 def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
@@ -51,7 +53,8 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
   act = input_part(qcfg.get("act", "static"), qcfg.a_bits, num_steps, grad=qcfg.grad,
                    granularity=qcfg.get("act_granularity", "tensor"), modiff=qcfg.get("modiff"))
   body = scalar_spec(qcfg.w_bits, qcfg.a_bits, num_steps, symmetric=qcfg.w_symmetric, group_size=qcfg.w_group_size,
-                     mixed=qcfg.omq, smooth=qcfg.smooth, lora_rank=qcfg.lora_rank, grad=qcfg.grad, act=act)
+                     mixed=qcfg.omq, smooth=qcfg.smooth, rotate=qcfg.get("rotate", False), lora_rank=qcfg.lora_rank,
+                     grad=qcfg.grad, act=act)
   patterns = [p for p in qcfg.keep_8bit.split(",") if p]
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 

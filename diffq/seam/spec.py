@@ -3,7 +3,7 @@
 A rule table is ((layer glob, LayerSpec), ...), first match wins; layers no rule matches are `FLOAT`. The dict
 form names each part by `type` (big_vision-style), e.g.
     {"weight": {"type": "scalar", "bits": 2}, "input": {"type": "static", "bits": 4, "steps": 20},
-     "cache": {"type": "none"}, "lora_rank": 32, "smooth": true, "train": true}
+     "cache": {"type": "none"}, "lora_rank": 32, "smooth": true, "rotate": false, "train": true}
 and is what exports and stage records store.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 
+from diffq.quant import rotation
 from diffq.seam import caches, inputs, weights
 from diffq.seam.variables import Variable
 
@@ -23,13 +24,16 @@ LORA_GROUP = "lora"
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
   """A layer's parts (see diffq/seam/__init__.py). `lora_rank`: W + A B with A (in, r) U(+-1/sqrt(in)) and
-  B (r, out) zeros; `smooth`: SmoothQuant pre-scale s (in,), x / s and W * s[:, None]; `train`: distillation
-  trains the parts' trainable leaves (LoRA, quantizer scales) of this layer."""
+  B (r, out) zeros; `smooth`: SmoothQuant pre-scale s (in,), x / s and W * s[:, None]; `rotate`: a randomised
+  block-Hadamard rotation R (diffq/quant/rotation.py, signs `rot_signs` (in,)) after smoothing, (x / s) R and
+  Rᵀ (W * s[:, None]); `train`: distillation trains the parts' trainable leaves (LoRA, quantizer scales) of this
+  layer."""
   weight: Any = weights.Float()
   input: Any = inputs.Float()
   cache: Any = caches.NoCache()
   lora_rank: int = 0
   smooth: bool = False
+  rotate: bool = False
   train: bool = False
 
   def __post_init__(self):
@@ -45,10 +49,12 @@ class LayerSpec:
 
   def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
     """Every variable of the layer's parts (collection `quant` unless the part says otherwise), in creation
-    order: the weight's, smoothing, the input's, LoRA (random: drawn before the kernel), the cache's."""
+    order: the weight's, smoothing, rotation, the input's, LoRA (random: drawn before the kernel), the cache's."""
     v = dict(self.weight.variables(n_in, n_out))
     if self.smooth:
       v["smooth"] = Variable((n_in,), fill=1.0)
+    if self.rotate:
+      v["rot_signs"] = Variable((n_in,), fill=1.0)
     v.update(self.input.variables(n_in))
     if self.lora_rank:
       v["lora_a"] = Variable((n_in, self.lora_rank),
@@ -75,17 +81,26 @@ class LayerSpec:
     return tuple(dict.fromkeys(need))
 
   def effective_weight(self, kernel, q: dict):
-    """(W + A B) * s[:, None], (in, out): the float weight the weight part sees."""
+    """Rᵀ ((W + A B) * s[:, None]), (in, out): the float weight the weight part sees."""
     w = kernel
     if self.lora_rank:
       w = w + q["lora_a"] @ q["lora_b"]
     if self.smooth:
       w = w * q["smooth"][:, None]
+    if self.rotate:
+      w = rotation.rotate_kernel(w, q["rot_signs"])
     return w
+
+  def transform_input(self, x, q: dict):
+    """(x / s) R (..., in): what the input part receives."""
+    if self.smooth:
+      x = x / q["smooth"]
+    return rotation.rotate(x, q["rot_signs"]) if self.rotate else x
 
   def deployed(self) -> "LayerSpec":
     """The exported form: each part's deployed form, LoRA merged into the weight, nothing trainable."""
-    return LayerSpec(self.weight.deployed(), self.input.deployed(), self.cache.deployed(), 0, self.smooth, False)
+    return LayerSpec(self.weight.deployed(), self.input.deployed(), self.cache.deployed(), 0, self.smooth,
+                     self.rotate, False)
 
   def replace(self, **parts) -> "LayerSpec":
     return dataclasses.replace(self, **parts)
@@ -131,7 +146,7 @@ def _part_dict(part) -> dict:
 
 def to_dict(spec: LayerSpec) -> dict:
   return dict(weight=_part_dict(spec.weight), input=_part_dict(spec.input), cache=_part_dict(spec.cache),
-              lora_rank=spec.lora_rank, smooth=spec.smooth, train=spec.train)
+              lora_rank=spec.lora_rank, smooth=spec.smooth, rotate=spec.rotate, train=spec.train)
 
 
 def _part(types: dict, d: dict, what: str):
@@ -185,7 +200,9 @@ def table_from_list(items) -> tuple:
 @dataclasses.dataclass
 class LayerData:
   """What a part's `calibrate` reads: the layer's FP kernel (in, out), its statistics {name: per-step array},
-  the variables the parts calibrated before it (`q`), job options, and a report dict it may annotate."""
+  the variables the parts calibrated before it (`q`), job options, and a report dict it may annotate.
+  `transformed`: the weight and input statistics are already of the input part's input (x / s) R (a rotated
+  layer's second statistics pass); otherwise they are of the layer input x."""
   path: str
   spec: LayerSpec
   kernel: Any
@@ -193,14 +210,31 @@ class LayerData:
   q: dict
   options: dict
   report: dict
+  transformed: bool = False
 
-  def smoothed(self, x):
-    return x / self.q["smooth"] if self.spec.smooth else x
+  def part_input(self, x):
+    """The input part's input (x / s) R of the statistics' inputs x (..., in)."""
+    return x if self.transformed else self.spec.transform_input(x, self.q)
 
-  def smoothed_kernel(self):
-    return self.kernel * self.q["smooth"][:, None] if self.spec.smooth else self.kernel
+  def part_kernel(self):
+    """Rᵀ (W * s[:, None]) (in, out): the FP weight the weight part quantizes (LoRA is zero at calibration)."""
+    return self.spec.replace(lora_rank=0).effective_weight(self.kernel, self.q)
+
+  def input_ranges(self, prefix: str = "in") -> list[tuple]:
+    """Per step, (min (in,), max (in,), sampled entries (k,)) of the input part's input from the statistics
+    `{prefix}_min`, `{prefix}_max`, `{prefix}_sample` (prefix 'in_delta': of its step increments). Smoothing is
+    applied here as XLA computes it in the layer, x * (1 / s) broadcast over tokens (a positive per-channel
+    scale commutes with min and max); a rotation's statistics were taken after it (`transformed`)."""
+    st = self.stats
+    lo, hi, sample = st[f"{prefix}_min"], st[f"{prefix}_max"], st[f"{prefix}_sample"]
+    if self.spec.smooth and not self.transformed:
+      inv = 1.0 / self.q["smooth"]
+      lo, hi, sample = lo * inv, hi * inv, sample * inv[st[f"{prefix}_sample_channel"]]
+    return [(lo[i], hi[i], sample[i]) for i in range(lo.shape[0])]
 
   def matrix(self):
     """The (in, out) linear map x -> y - b of the layer as calibrated so far (input quantization aside)."""
     w = self.spec.weight.matrix(self.q, lambda: self.spec.effective_weight(self.kernel, self.q))
+    if self.spec.rotate:
+      w = rotation.unrotate_kernel(w, self.q["rot_signs"])
     return w / self.q["smooth"][:, None] if self.spec.smooth else w

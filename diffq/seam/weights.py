@@ -112,15 +112,16 @@ class Scalar(_Uniform):
     return ("in_rows",) if self.mixed else ()  # OMQ scores bit allocations on real layer inputs
 
   def calibrate(self, layer) -> dict:
-    """w_scale/w_zero by MSE search on the (smoothed) FP kernel, after OMQ's bit allocation when mixed."""
+    """w_scale/w_zero by MSE search on the (smoothed, rotated) FP kernel, after OMQ's bit allocation when
+    mixed."""
     out, bits = {}, None
+    w_hat = layer.part_kernel()
     if self.mixed:
-      w_hat = layer.smoothed_kernel()
-      bits, k, _ = omq.omq_search(w_hat, layer.smoothed(layer.stats["in_rows"]), self.bits,
+      bits, k, _ = omq.omq_search(w_hat, layer.part_input(layer.stats["in_rows"]), self.bits,
                                   layer.options["omq_fractions"])
       out["w_bits"] = bits
       layer.report["omq_k"] = k
-    out["w_scale"], out["w_zero"] = weight_ranges(layer.kernel, self, layer.q.get("smooth"), bits)
+    out["w_scale"], out["w_zero"] = weight_ranges(w_hat, self, bits)
     return out
 
   def matrix(self, q: dict, w_eff):
@@ -158,10 +159,9 @@ class Codes(_Uniform):
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def weight_ranges(kernel, part: _Uniform, smooth=None, bits=None):
-  """MSE-searched (scale, zero) of the (smoothed) kernel (in, out), per output channel or per input group;
-  `bits` (1, out) per-channel widths (default: part.bits everywhere, through the same array code path)."""
-  w = kernel if smooth is None else kernel * smooth[:, None]
+def weight_ranges(w, part: _Uniform, bits=None):
+  """MSE-searched (scale, zero) of the kernel w (in, out), per output channel or per input group; `bits` (1, out)
+  per-channel widths (default: part.bits everywhere, through the same array code path)."""
   bits = jnp.full((1, w.shape[1]), part.bits, jnp.int32) if bits is None else bits
   if part.group_size:
     n_in, n_out = w.shape

@@ -1,7 +1,8 @@
 """Activation parts for low-bit activations under the protocol (experiments/PROTOCOL.md: N = 5000, DDIM 20,
 seed 0, CFG 3): the static per-step quantizer of wave 1, dynamic min-max, MoDiff with dynamic difference ranges
-and MoDiff with calibrated per-step difference ranges (the Q-Diff variant), per weight method and bit setting.
-MoDiff's first step runs float activations (the released code's warm-up); per-tensor ranges throughout."""
+and MoDiff with calibrated per-step difference ranges (the Q-Diff variant), each of the static ones also after a
+randomised block-Hadamard rotation of the inputs, per bit setting with its best weight method. MoDiff's first
+step runs float activations (the released code's warm-up); per-tensor ranges throughout."""
 NAME = "modiff"
 COLUMNS = ["setting", "method", "act", "fid", "sfid", "is", "precision", "recall", "class_acc", "bits_per_weight",
            "state_bytes_per_image", "quant_seconds", "seconds"]
@@ -9,7 +10,9 @@ PIVOTS = [dict(rows="act", cols="setting", value="fid"), dict(rows="act", cols="
 LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
 SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4), (3, 4), (2, 4))
 ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
-        "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"})}
+        "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"}),
+        "rotate": dict(act="rotate"),
+        "rotate_modiff_static": dict(act="rotate_modiff", overrides={"quant.modiff.quantizer": "static"})}
 # The best weight method of the quantization grid (experiments/results/quant_grid.md) at each setting: distillation
 # makes W3A4/W4A4 worse than PTQ there (issue 12), MPQ-DM is the W2A4 command's method.
 METHODS = {(2, 4): ("mpqdm",)}
