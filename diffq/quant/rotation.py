@@ -4,8 +4,8 @@ R = D (I_{n/b} ⊗ H_b) / sqrt(b), with D = diag(signs) random +-1 and H_b the S
 largest power of two b dividing n (b = n for the embedded DiT's 128 / 512 widths; 128 and 512 blocks for
 DiT-XL/2's 1152 / 4608). R is orthogonal, so (x R)(Rᵀ W) = x W: the input is rotated online and the weight
 offline. An outlier channel of x is spread over the b channels of its block, which shrinks the per-tensor range
-a low-bit activation quantizer must cover. The simulation applies H_b as a block matmul; a deployed kernel runs
-it as a fast Walsh-Hadamard transform, n log2(b) additions per token (`adds_per_token`).
+a low-bit activation quantizer must cover. The simulation applies H_b as small matmuls over its Kronecker factors;
+a deployed kernel runs it as a fast Walsh-Hadamard transform, n log2(b) additions per token (`adds_per_token`).
 """
 from __future__ import annotations
 
@@ -40,14 +40,28 @@ def random_signs(n: int) -> jax.Array:
   return jax.random.rademacher(jax.random.key(SEED), (n,), jnp.float32)
 
 
+def _factors(b: int, largest: int = 32) -> tuple[int, ...]:
+  """Powers of two <= `largest` whose product is b: H_b = H_f1 ⊗ H_f2 ⊗ ... (Sylvester matrices factor)."""
+  out = []
+  while b > 1:
+    out.append(min(b, largest))
+    b //= out[-1]
+  return tuple(out)
+
+
 def _blocks(x, axis: int):
-  """Apply (I ⊗ H_b) / sqrt(b) along `axis` of x (the rotation without D)."""
+  """Apply (I ⊗ H_b) / sqrt(b) along `axis` of x (the rotation without D), as one small matmul per Kronecker
+  factor of H_b (sum of the factors' sizes MACs per entry instead of b)."""
   n = x.shape[axis]
   b = block_size(n)
-  h = jnp.asarray(hadamard(b) / math.sqrt(b), x.dtype)
+  fs = _factors(b)
   x = jnp.moveaxis(x, axis, -1)
-  y = (x.reshape(x.shape[:-1] + (n // b, b)) @ h).reshape(x.shape)
-  return jnp.moveaxis(y, -1, axis)
+  y = x.reshape(x.shape[:-1] + (n // b,) + fs)
+  for k, f in enumerate(fs):
+    ax = y.ndim - len(fs) + k
+    h = jnp.asarray(hadamard(f) / math.sqrt(f), x.dtype)
+    y = jnp.moveaxis(jnp.tensordot(y, h, axes=[[ax], [0]]), -1, ax)
+  return jnp.moveaxis(y.reshape(x.shape), -1, axis)
 
 
 def rotate(x, signs):
