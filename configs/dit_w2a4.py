@@ -19,7 +19,7 @@ Activations (`act=`, the body layers' input part; `quant.act_granularity` tensor
   dynamic      min-max of each call's input
   modiff       MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in float;
                `quant.modiff.quantizer` dynamic | static (per-step ranges of the FP increments), `.compensate`,
-               `.warmup_bits` (0 = float)
+               `.warmup_bits` (0 = float), `.late_bits` / `.late_from` (wider differences on the last steps)
   rotate       static, after a randomised block-Hadamard rotation of the input (W <- R^T W offline; quant.rotate)
   rotate_modiff  modiff after the rotation
 """
@@ -57,7 +57,8 @@ def get_config(arg=None):
                  act=ACTS[arg.act][0],        # static | dynamic | modiff (see the docstring)
                  rotate=ACTS[arg.act][1],     # block-Hadamard rotation of the body layers' inputs
                  act_granularity="tensor",    # dynamic / modiff ranges: tensor | sample (per row) | token
-                 modiff=dict(quantizer="dynamic", compensate=True, warmup_bits=0))
+                 modiff=dict(quantizer="dynamic", compensate=True, warmup_bits=0,
+                             late_bits=0, late_from=0))  # late_bits: the differences' bits from step late_from
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.

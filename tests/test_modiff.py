@@ -25,14 +25,15 @@ def np_minmax_quant(x, bits, axes=None):
 
 def np_modiff_layer(xs, w, b, bits, compensate=True):
   """The released QuantModule forward over a sequence of calls (float weights): first call FP with bias; then
-  out = o_hat + Q(x - a_hat) @ W, a_hat += Q(.) (compensate) or the standard modulation of true differences."""
+  out = o_hat + Q(x - a_hat) @ W, a_hat += Q(.) (compensate) or the standard modulation of true differences.
+  `bits`: an int, or one per call."""
   a_hat = o_hat = x_prev = None
   outs = []
-  for x in xs:
+  for i, x in enumerate(xs):
     if a_hat is None:
       a_hat, out = x, x @ w + b
     else:
-      q = np_minmax_quant(x - (a_hat if compensate else x_prev), bits)
+      q = np_minmax_quant(x - (a_hat if compensate else x_prev), bits if np.isscalar(bits) else bits[i])
       a_hat, out = a_hat + q, o_hat + q @ w
     o_hat, x_prev = out, x
     outs.append(out)
@@ -71,6 +72,21 @@ def test_modulated_layer_is_the_released_datapath(compensate):
   want = np_modiff_layer(xs.astype(np.float64), w, b, 4, compensate)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   np.testing.assert_allclose(got[0], xs[0] @ w + b, rtol=1e-5, atol=1e-5)  # the warm-up call is float
+
+
+def test_late_steps_quantize_the_differences_at_late_bits():
+  xs = smooth_trajectory(steps=6)
+  rng = np.random.default_rng(1)
+  w, b = rng.normal(size=(16, 8)) / 4, rng.normal(size=8)
+  part = inputs.Modulated(3, late_bits=6, late_from=4)
+  got, _ = run_layer(part, xs.astype(np.float32), w.astype(np.float32), b.astype(np.float32))
+  want = np_modiff_layer(xs.astype(np.float64), w, b, [32, 3, 3, 3, 6, 6])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert [part.step_bits(i == 0, i) for i in range(6)] == [32, 3, 3, 3, 6, 6]
+  with pytest.raises(ValueError, match="late_from"):
+    inputs.Modulated(3, late_bits=6)
+  with pytest.raises(ValueError, match="per-step ranges"):
+    inputs.Modulated(3, "static", late_bits=6, late_from=2)
 
 
 def test_error_compensation_keeps_the_error_bounded():
@@ -119,6 +135,12 @@ def test_static_modulated_ranges_come_from_the_fp_increments():
   # the step-1 range covers that step's increments' span (at most the min-max span)
   span = (d[0].max() - min(d[0].min(), 0.0)) / 15
   assert float(q["a_scale"][1]) <= span * 1.0001 and np.isclose(q["a_scale"][0], q["a_scale"][1])
+  # late_bits: the last steps' ranges are searched at their own (finer) grid, the earlier ones unchanged
+  late = (("blocks_*", spec_lib.LayerSpec(input=inputs.Modulated(4, "static", steps=len(cal.plan.steps),
+                                                                 late_bits=8, late_from=len(cal.plan.steps) - 1))),)
+  q8 = calibrate.calibrate(cfg, {"params": params}, cal, late, parts=("input",))[0]["blocks_0"]["mlp"]["fc1"]
+  np.testing.assert_array_equal(q8["a_scale"][:-1], q["a_scale"][:-1])
+  assert float(q8["a_scale"][-1]) < 0.25 * float(q["a_scale"][-1])
 
 
 def modiff_sample(cfg, params, mesh, part, n=8, rotate=False):

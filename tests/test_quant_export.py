@@ -10,7 +10,7 @@ from diffq.io import npz
 from diffq.jobs import sample
 from diffq.seam import rules
 from diffq.models import dit
-from diffq.seam import spec as spec_lib, weights
+from diffq.seam import inputs, spec as spec_lib, weights
 from diffq.io import quantized
 from diffq.quant import pack
 
@@ -26,12 +26,15 @@ CASES = {
     "lora_smooth_w2": dict(w_bits=2, a_bits=4, smooth=True, lora_rank=4),
     "rotate_smooth_w4a4": dict(w_bits=4, a_bits=4, smooth=True, rotate=True, lora_rank=4),
 }
+STATEFUL = {  # their forward needs the sampler's state: compared through sampling
+    "rotate_modiff_static_w4a4": dict(w_bits=4, a_bits=4, rotate=True, act=inputs.Modulated(4, "static", steps=2)),
+}
 
 
 def quantized_model(case):
   """A fake-quant tiny DiT with realistic, non-trivial quantizer state (random smoothing, rotation signs, OMQ
   bits, LoRA)."""
-  table = (("x_embedder", BOUNDARY), ("*", rules.scalar_spec(steps=2, **CASES[case])))
+  table = (("x_embedder", BOUNDARY), ("*", rules.scalar_spec(steps=2, **{**CASES, **STATEFUL}[case])))
   quant = jax.tree.map(np.array, calibrate.quant_template(CFG, table))
   rng = np.random.default_rng(0)
   for p in quantized._layer_paths(quant):
@@ -111,7 +114,7 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
   assert stats["bits_per_weight"] == pytest.approx((bits_sum + 32 * emb) / (total + emb))
 
 
-@pytest.mark.parametrize("case", ["lora_smooth_w2", "rotate_smooth_w4a4"])
+@pytest.mark.parametrize("case", ["lora_smooth_w2", "rotate_smooth_w4a4", "rotate_modiff_static_w4a4"])
 def test_reimported_model_draws_identical_samples(case, tmp_path):
   table, quant = quantized_model(case)
   quantized.export_quantized(str(tmp_path / "q.npz"), CFG, PARAMS, quant, table)

@@ -115,7 +115,7 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
         parts["attention"] += m * 32 * 32
         continue
       spec = spec_lib.resolve(path, table)
-      parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts)
+      parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts, i)
       if spec.rotate and m and not spec.cache.reads(kind):
         n_in, n_out = shapes[path]
         tokens = full[path] // (n_in * n_out)

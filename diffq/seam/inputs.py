@@ -41,8 +41,9 @@ class Float:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
-  def step_bits(self, first: bool) -> int:
-    """Bits of the matmul's activation operand on a step (`first`: the trajectory's first call); 32 = float."""
+  def step_bits(self, first: bool, index: int = 0) -> int:
+    """Bits of the matmul's activation operand at plan step `index` (`first`: the trajectory's first call);
+    32 = float."""
     return 32
 
   def __call__(self, layer, x, q: dict, ctx):
@@ -70,7 +71,7 @@ class Static:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
 
-  def step_bits(self, first: bool) -> int:
+  def step_bits(self, first: bool, index: int = 0) -> int:
     return self.bits
 
   def __call__(self, layer, x, q: dict, ctx):
@@ -95,17 +96,19 @@ def _step_range(sample, lo, hi, bits):
   return ranges.mse_range(sample, bits, (0,), bounds=(lo, hi))
 
 
-def _per_step_ranges(steps, bits: int) -> dict:
+def _per_step_ranges(steps, bits) -> dict:
   """{'a_scale', 'a_zero'} (S,): per step, the MSE-searched per-tensor pair of the entries `sample`, candidates
-  spanning [min lo, max hi]; `steps` is a list of (lo, hi, sample)."""
-  pairs = [_step_range(sample, jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True), bits)
-           for lo, hi, sample in steps]
+  spanning [min lo, max hi]; `steps` is a list of (lo, hi, sample), `bits` an int or one per step."""
+  bits = [bits] * len(steps) if isinstance(bits, int) else bits
+  pairs = [_step_range(sample, jnp.min(lo, keepdims=True), jnp.max(hi, keepdims=True), b)
+           for (lo, hi, sample), b in zip(steps, bits)]
   return {"a_scale": jnp.stack([s.reshape(()) for s, _ in pairs]),
           "a_zero": jnp.stack([z.reshape(()) for _, z in pairs])}
 
 
-def _step_quant(x, q: dict, ctx, steps: int, bits: int, gscale: float = 1.0):
-  """Q(x) with the calibrated (scale, zero) of plan index ctx.index (clipped to the `steps` calibrated)."""
+def _step_quant(x, q: dict, ctx, steps: int, bits, gscale: float = 1.0):
+  """Q(x) at `bits` (an int or a traced scalar) with the calibrated (scale, zero) of plan index ctx.index
+  (clipped to the `steps` calibrated)."""
   i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, steps - 1)
   return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(bits), False, gscale)
 
@@ -128,7 +131,7 @@ class Dynamic:
   def variables(self, n_in: int) -> dict[str, Variable]:
     return {}
 
-  def step_bits(self, first: bool) -> int:
+  def step_bits(self, first: bool, index: int = 0) -> int:
     return self.bits
 
   def __call__(self, layer, x, q: dict, ctx):
@@ -138,7 +141,7 @@ class Dynamic:
     return self
 
 
-def _min_max_quant(x, bits: int, granularity: str):
+def _min_max_quant(x, bits, granularity: str):
   """Asymmetric min-max fake-quant of x (..., C): one range per tensor, per leading row ('sample') or per token."""
   axes = {"tensor": tuple(range(x.ndim)), "sample": tuple(range(1, x.ndim)), "token": (x.ndim - 1,)}[granularity]
   qmax = ops.qmax_of(bits)
@@ -154,7 +157,9 @@ class Modulated:
   min-max per call ('dynamic', per tensor / sample / token) or with calibrated per-step ranges ('static', the
   Q-Diff variant: `steps` (scale, zero) pairs fitted to the FP trajectory's step increments). `compensate=False`
   is the paper's "standard modulation" ablation: x_hat accumulates Q(x_t - x_{t-1}) of the true previous input.
-  `warmup_bits`: the first call's activation bits (0 = float, as the released code)."""
+  `warmup_bits`: the first call's activation bits (0 = float, as the released code). `late_bits` (0 = off):
+  the difference's bits from plan step `late_from` on, where the increments are widest (a step's last
+  increments span up to 0.5-0.9 of its input range on the embedded model, against 0.02-0.05 early)."""
   type: ClassVar[str] = "modulated"
   trainable: ClassVar[dict] = {}
   bits: int = 4
@@ -163,11 +168,20 @@ class Modulated:
   steps: int = 1
   compensate: bool = True
   warmup_bits: int = 0
+  late_bits: int = 0
+  late_from: int = 0
 
   def __post_init__(self):
     ops.check_bits(self.bits, "modulated activation bits")
     if self.warmup_bits:
       ops.check_bits(self.warmup_bits, "warm-up activation bits")
+    if self.late_bits:
+      ops.check_bits(self.late_bits, "late-step activation bits")
+      if self.late_from < 1:
+        raise ValueError(f"late_bits needs late_from >= 1, the first plan step at late_bits; got {self.late_from}.")
+      if self.quantizer == "static" and self.steps == 1:
+        raise ValueError("late_bits with the static MoDiff quantizer needs per-step ranges: set steps to the "
+                         "number of sampling steps.")
     if self.quantizer not in MODULATED_QUANTIZERS:
       raise ValueError(f"Unknown MoDiff quantizer {self.quantizer!r}; choose one of {MODULATED_QUANTIZERS}.")
     if self.granularity not in MODULATED_GRANULARITIES:
@@ -184,10 +198,18 @@ class Modulated:
       return {}
     return {"a_scale": Variable((self.steps,), fill=1.0), "a_zero": Variable((self.steps,))}
 
-  def step_bits(self, first: bool) -> int:
-    """The difference's bits; the warm-up call's (float = 32, or `warmup_bits`) on the first step. The increment
-    datapath (o_hat + W Q(delta)) multiplies only the low-bit difference."""
-    return (self.warmup_bits or 32) if first else self.bits
+  def step_bits(self, first: bool, index: int = 0) -> int:
+    """The difference's bits at plan step `index`; the warm-up call's (float = 32, or `warmup_bits`) on the
+    first step. The increment datapath (o_hat + W Q(delta)) multiplies only the low-bit difference."""
+    if first:
+      return self.warmup_bits or 32
+    return self.late_bits if self.late_bits and index >= self.late_from else self.bits
+
+  def _bits(self, ctx):
+    """The difference's bits at the step of `ctx` (a traced scalar when late_bits is set)."""
+    if not self.late_bits:
+      return self.bits
+    return jnp.where(jnp.asarray(ctx.index) >= self.late_from, self.late_bits, self.bits)
 
   def __call__(self, layer, x, q: dict, ctx):
     """x_hat_t (..., C) for the input x_t (..., C) of a network call, updating the layer's `modulation` state."""
@@ -215,8 +237,8 @@ class Modulated:
 
   def _quant(self, delta, q: dict, ctx):
     if self.quantizer == "dynamic":
-      return _min_max_quant(delta, self.bits, self.granularity)
-    return _step_quant(delta, q, ctx, self.steps, self.bits)
+      return _min_max_quant(delta, self._bits(ctx), self.granularity)
+    return _step_quant(delta, q, ctx, self.steps, self._bits(ctx))
 
   def calibrate(self, layer) -> dict:
     """Per step i >= 1: the MSE-searched (scale, zero) of the FP trajectory's increments x_i - x_{i-1}, candidates
@@ -232,7 +254,8 @@ class Modulated:
     if self.steps == 1:  # pooled over the steps
       steps = [(jnp.stack([lo for lo, _, _ in steps]).min(0), jnp.stack([hi for _, hi, _ in steps]).max(0),
                 jnp.concatenate([x for _, _, x in steps]))]
-    out = _per_step_ranges(steps, self.bits)
+    out = _per_step_ranges(steps, self.bits if self.steps == 1 else
+                           [self.step_bits(False, i) for i in range(1, n)])
     if self.steps > 1:  # step 0 is the warm-up; it keeps step 1's pair
       out = {k: jnp.concatenate([v[:1], v]) for k, v in out.items()}
     return out

@@ -20,7 +20,8 @@ ACTS = ("static", "dynamic", "modiff")  # quant.act: the body layers' input part
 def input_part(act: str, a_bits: int, steps: int, *, grad: str = "ste", granularity: str = "tensor",
                modiff=None):
   """The input part of A`a_bits` activations (0 = float): 'static' per-step calibrated ranges, 'dynamic' min-max
-  per call, 'modiff' MoDiff's modulated input (`modiff`: quantizer, compensate, warmup_bits)."""
+  per call, 'modiff' MoDiff's modulated input (`modiff`: quantizer, compensate, warmup_bits, late_bits,
+  late_from)."""
   if not a_bits:
     return inputs.Float()
   if act == "static":
@@ -31,7 +32,7 @@ def input_part(act: str, a_bits: int, steps: int, *, grad: str = "ste", granular
     m = dict(modiff or {})
     return inputs.Modulated(a_bits, m.get("quantizer", "dynamic"), granularity,
                             steps if m.get("quantizer") == "static" else 1, m.get("compensate", True),
-                            m.get("warmup_bits", 0))
+                            m.get("warmup_bits", 0), m.get("late_bits", 0), m.get("late_from", 0))
   raise ValueError(f"Unknown quant.act {act!r}; choose one of {ACTS}.")
 
 

@@ -11,6 +11,9 @@ LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
 SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4), (3, 4), (2, 4))
 ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
         "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"}),
+        "modiff_token": dict(act="modiff", overrides={"quant.act_granularity": "token"}),
+        "modiff_static_late8": dict(act="modiff", overrides={"quant.modiff.quantizer": "static",
+                                                             "quant.modiff.late_bits": 8, "quant.modiff.late_from": 16}),
         "rotate": dict(act="rotate"),
         "rotate_modiff_static": dict(act="rotate_modiff", overrides={"quant.modiff.quantizer": "static"})}
 # The best weight method of the quantization grid (experiments/results/quant_grid.md) at each setting: distillation
