@@ -6,7 +6,8 @@
 A variant is `fp` (DDIM-20, every step full), `pP_rR` (ICC, period P, rank R on the four block linears; r0 = naive
 reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either with `_rA-M` instead of `_rR`
 (rank A on the attention linears, M on the MLP's), a `_bf16` suffix (the cache state in bfloat16) and a `_chain`
-suffix (the MLP as one increment through the linearised GELU), or `ddimN` (full DDIM with N steps).
+suffix (the MLP as one increment through the linearised GELU), `ddimN` (full DDIM with N steps), or
+`q:<workdir>` (a quantize job's re-imported export `<workdir>/quantized.npz` on DDIM-20, the model its job samples).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
 alike); the table reports the median, the ratio to `fp`'s median, and the median (with quartiles) of the
@@ -31,6 +32,7 @@ sys.path.insert(0, ROOT)
 from experiments import report  # noqa: E402
 from diffq import parallel, plan as plan_lib  # noqa: E402
 from diffq.eval import flops  # noqa: E402
+from diffq.io import quantized  # noqa: E402
 from diffq.jobs import icc, sample  # noqa: E402
 from diffq.seam import rules  # noqa: E402
 from configs import sample as sample_config  # noqa: E402
@@ -41,6 +43,14 @@ def variant(name: str, model_cfg, params):
   if name == "fp" or name.startswith("ddim"):
     spacing = "ddim20" if name == "fp" else name
     return plan_lib.make_plan(1000, spacing), (), {"params": params}
+  if name.startswith("q:"):
+    path = os.path.join(name[2:], "quantized.npz")
+    if not os.path.exists(path):
+      raise SystemExit(f"{path} not found: q:<workdir> needs a finished quantize job's workdir.")
+    q_cfg, variables, table = quantized.import_quantized(path)
+    if q_cfg != model_cfg:
+      raise SystemExit(f"{path} holds a different model than --params.")
+    return plan_lib.make_plan(1000, "ddim20"), table, variables
   m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(?:-(\d+))?(_bf16)?(_chain)?", name)
   if not m:
     raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, or pP / an F/C pattern with _rR or _rA-M, then "

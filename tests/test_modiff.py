@@ -89,6 +89,22 @@ def test_late_steps_quantize_the_differences_at_late_bits():
     inputs.Modulated(3, "static", late_bits=6, late_from=2)
 
 
+@pytest.mark.parametrize("bits", [3, 8])
+def test_reconstruction_stays_within_half_a_quantization_step(bits):
+  """Sigma-delta: with compensation x_hat_t - x_t is the rounding error of Q(x_t - x_hat_{t-1}) alone, so every
+  entry stays within half that step's quantizer step (numpy on the layer's own outputs; identity weight); at 8
+  bits the outputs are float activations up to that bound."""
+  xs = smooth_trajectory(steps=12).astype(np.float32)
+  eye, zero = np.eye(16, dtype=np.float32), np.zeros(16, np.float32)
+  got, _ = run_layer(inputs.Modulated(bits), xs, eye, zero)
+  for t in range(1, len(xs)):
+    d = xs[t] - got[t - 1]
+    step = (max(d.max(), 0.0) - min(d.min(), 0.0)) / (2 ** bits - 1)
+    assert np.abs(got[t] - xs[t]).max() <= 0.5 * step * 1.001 + 1e-6
+  if bits == 8:
+    np.testing.assert_allclose(got, xs, atol=0.01 * np.abs(xs).max())
+
+
 def test_error_compensation_keeps_the_error_bounded():
   xs = smooth_trajectory(steps=30)
   rng = np.random.default_rng(2)
