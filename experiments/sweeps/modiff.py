@@ -15,7 +15,9 @@ ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": 
         "modiff_static_late8": dict(act="modiff", overrides={"quant.modiff.quantizer": "static",
                                                              "quant.modiff.late_bits": 8, "quant.modiff.late_from": 16}),
         "rotate": dict(act="rotate"),
-        "rotate_modiff_static": dict(act="rotate_modiff", overrides={"quant.modiff.quantizer": "static"})}
+        "rotate_modiff_static": dict(act="rotate_modiff", overrides={"quant.modiff.quantizer": "static"}),
+        "rotate_modiff_static_late8": dict(act="rotate_modiff", overrides={
+            "quant.modiff.quantizer": "static", "quant.modiff.late_bits": 8, "quant.modiff.late_from": 16})}
 # The best weight method of the quantization grid (experiments/results/quant_grid.md) at each setting: distillation
 # makes W3A4/W4A4 worse than PTQ there (issue 12), MPQ-DM is the W2A4 command's method.
 METHODS = {(2, 4): ("mpqdm",)}
