@@ -218,15 +218,18 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
       st = stats[p]
       absmax = jnp.maximum(jnp.max(st["in_max"], axis=0), -jnp.min(st["in_min"], axis=0))
       q["smooth"] = ranges.smooth_scale(absmax, jnp.max(jnp.abs(kernel), axis=1))
-    if active(s, "rotate"):
-      q["rot_signs"] = rotation.random_signs(kernel.shape[0])
+    if active(s, "rotate") or (s.rotate and tuple(p.split("/")) + ("rot_signs",) not in given):
+      q["rot_signs"] = rotation.random_signs(kernel.shape[0])  # also when calibrating under a rotation not given
   second = {p: tuple(dict.fromkeys(n)) for p, n in rotated.items() if n}
   stats_rotated = pass_stats(second, {p: (lambda a, s=specs[p], q=qs[p]: s.transform_input(a, q)) for p in second})
   report = {}
   options = dict(omq_fractions=tuple(omq_fractions))
   for p, s in specs.items():
     q, kernel = qs[p], kernels[p]
-    layer = spec_lib.LayerData(p, s, kernel, {**stats.get(p, {}), **stats_rotated.get(p, {})}, q, options, {},
+    first = stats.get(p, {})
+    if p in stats_rotated:  # the first pass's input ranges were smoothing's (of x, not (x / s) R): not the parts'
+      first = {k: v for k, v in first.items() if k not in ("in_min", "in_max") or k in needs(s, ("cache",))}
+    layer = spec_lib.LayerData(p, s, kernel, {**first, **stats_rotated.get(p, {})}, q, options, {},
                                transformed=p in stats_rotated)
     for part in ("weight", "input", "cache"):
       if active(s, part):

@@ -251,6 +251,9 @@ class Modulated:
       raise ValueError(f"Layer {layer.path} keeps {self.steps} modulated quantizers but the calibration plan has "
                        f"{n} steps; set steps to 1 (one range for every step, the released code's) or to the "
                        "number of sampling steps.")
+    if self.late_bits and self.late_from >= n:
+      raise ValueError(f"Layer {layer.path}: late_from={self.late_from} lies beyond the plan's {n} steps, so "
+                       "late_bits would never apply; set late_from below the number of sampling steps.")
     if self.steps == 1:  # pooled over the steps
       steps = [(jnp.stack([lo for lo, _, _ in steps]).min(0), jnp.stack([hi for _, hi, _ in steps]).max(0),
                 jnp.concatenate([x for _, _, x in steps]))]

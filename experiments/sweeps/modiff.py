@@ -8,7 +8,7 @@ COLUMNS = ["setting", "method", "act", "fid", "sfid", "is", "precision", "recall
            "state_bytes_per_image", "quant_seconds", "seconds"]
 PIVOTS = [dict(rows="act", cols="setting", value="fid"), dict(rows="act", cols="setting", value="class_acc")]
 LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
-SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 4), (3, 4), (2, 4))
+SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 8), (4, 4), (3, 4), (2, 4))
 ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
         "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"}),
         "modiff_token": dict(act="modiff", overrides={"quant.act_granularity": "token"}),
@@ -21,7 +21,7 @@ ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": 
 # The best weight method of the quantization grid (experiments/results/quant_grid.md) at each setting: distillation
 # makes W3A4/W4A4 worse than PTQ there (issue 12), MPQ-DM is the W2A4 command's method.
 METHODS = {(2, 4): ("mpqdm",)}
-GRID = {(8, 8), (4, 4), (3, 4), (2, 4)}  # settings the grid ran: their static rows are the grid's runs
+GRID = {(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)}  # settings the grid ran: their static rows are the grid's runs
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
              labels={"setting": "FP", "act": "float"})]
