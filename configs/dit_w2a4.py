@@ -1,6 +1,8 @@
-"""Quantize the embedded FP DiT to 2-bit weights / 4-bit activations with MPQ-DM, sample, evaluate, export.
+"""Quantize the embedded FP DiT to 2-bit weights / 4-bit activations with MPQ-DM weights and MoDiff activations,
+sample, evaluate, export.
 
-  python main.py --config=configs/dit_w2a4.py --workdir=runs/w2a4                      # MPQ-DM W2A4
+  python main.py --config=configs/dit_w2a4.py --workdir=runs/w2a4                      # MPQ-DM + MoDiff W2A4
+  python main.py --config=configs/dit_w2a4.py:act=static --workdir=runs/w2a4_static    # wave 1's MPQ-DM W2A4
   python main.py --config=configs/dit_w2a4.py:w=3,a=4,method=uniform --workdir=runs/w3a4_uniform
   python main.py --config=configs/dit_w2a4.py:quick --workdir=/tmp/w2a4_quick          # smoke run, < 3 min
   python main.py --config=configs/dit_w2a4.py:xl2 --workdir=...                        # DiT-XL/2 set-up (see below)
@@ -17,8 +19,9 @@ without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 Activations (`act=`, the body layers' input part; `quant.act_granularity` tensor | sample | token):
   static       per-step per-tensor ranges calibrated on the FP trajectory (wave 1)
   dynamic      min-max of each call's input
-  modiff       MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in float;
-               `quant.modiff.quantizer` dynamic | static (per-step ranges of the FP increments), `.compensate`,
+  modiff       (default) MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in
+               float; `quant.modiff.quantizer` static (default: per-step ranges of the FP increments) | dynamic
+               (min-max per call, the released code's), `.compensate`,
                `.warmup_bits` (0 = float), `.late_bits` / `.late_from` (wider differences on the last steps)
   rotate       static, after a randomised block-Hadamard rotation of the input (W <- R^T W offline; quant.rotate)
   rotate_modiff  modiff after the rotation
@@ -39,7 +42,7 @@ ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="static", quick=False, xl2=False)
+  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="modiff", quick=False, xl2=False)
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
   if arg.act not in ACTS:
@@ -57,7 +60,7 @@ def get_config(arg=None):
                  act=ACTS[arg.act][0],        # static | dynamic | modiff (see the docstring)
                  rotate=ACTS[arg.act][1],     # block-Hadamard rotation of the body layers' inputs
                  act_granularity="tensor",    # dynamic / modiff ranges: tensor | sample (per row) | token
-                 modiff=dict(quantizer="dynamic", compensate=True, warmup_bits=0,
+                 modiff=dict(quantizer="static", compensate=True, warmup_bits=0,
                              late_bits=0, late_from=0))  # late_bits: the differences' bits from step late_from
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)

@@ -9,9 +9,10 @@ COLUMNS = ["setting", "method", "act", "fid", "sfid", "is", "precision", "recall
 PIVOTS = [dict(rows="act", cols="setting", value="fid"), dict(rows="act", cols="setting", value="class_acc")]
 LINES = [dict(x="setting", y="fid", group="act", reference="fp", log_y=True)]
 SETTINGS = ((8, 8), (8, 6), (8, 4), (8, 3), (4, 8), (4, 4), (3, 4), (2, 4))
-ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff"),
+ACTS = {"static": dict(act="static"), "dynamic": dict(act="dynamic"), "modiff": dict(act="modiff", overrides={"quant.modiff.quantizer": "dynamic"}),
         "modiff_static": dict(act="modiff", overrides={"quant.modiff.quantizer": "static"}),
-        "modiff_token": dict(act="modiff", overrides={"quant.act_granularity": "token"}),
+        "modiff_token": dict(act="modiff", overrides={"quant.modiff.quantizer": "dynamic",
+                                                      "quant.act_granularity": "token"}),
         "modiff_static_late8": dict(act="modiff", overrides={"quant.modiff.quantizer": "static",
                                                              "quant.modiff.late_bits": 8, "quant.modiff.late_from": 16}),
         "rotate": dict(act="rotate"),
