@@ -1,7 +1,7 @@
-"""Quantize the embedded FP DiT to 2-bit weights / 4-bit activations with MPQ-DM weights and MoDiff activations,
-sample, evaluate, export.
+"""Quantize the embedded FP DiT to 2-bit weights / 4-bit activations with MPQ-DM weights and rotated MoDiff
+activations, sample, evaluate, export.
 
-  python main.py --config=configs/dit_w2a4.py --workdir=runs/w2a4                      # MPQ-DM + MoDiff W2A4
+  python main.py --config=configs/dit_w2a4.py --workdir=runs/w2a4                      # MPQ-DM + rotated MoDiff
   python main.py --config=configs/dit_w2a4.py:act=static --workdir=runs/w2a4_static    # wave 1's MPQ-DM W2A4
   python main.py --config=configs/dit_w2a4.py:w=3,a=4,method=uniform --workdir=runs/w3a4_uniform
   python main.py --config=configs/dit_w2a4.py:quick --workdir=/tmp/w2a4_quick          # smoke run, < 3 min
@@ -19,12 +19,12 @@ without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 Activations (`act=`, the body layers' input part; `quant.act_granularity` tensor | sample | token):
   static       per-step per-tensor ranges calibrated on the FP trajectory (wave 1)
   dynamic      min-max of each call's input
-  modiff       (default) MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in
+  modiff       MoDiff: quantize x_t - x_hat_{t-1} (error-compensated reconstruction), first call in
                float; `quant.modiff.quantizer` static (default: per-step ranges of the FP increments) | dynamic
                (min-max per call, the released code's), `.compensate`,
                `.warmup_bits` (0 = float), `.late_bits` / `.late_from` (wider differences on the last steps)
   rotate       static, after a randomised block-Hadamard rotation of the input (W <- R^T W offline; quant.rotate)
-  rotate_modiff  modiff after the rotation
+  rotate_modiff  (default) modiff after the rotation
 """
 from configs import sample as sample_config
 from diffq import configlib
@@ -42,7 +42,7 @@ ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="modiff", quick=False, xl2=False)
+  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="rotate_modiff", quick=False, xl2=False)
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
   if arg.act not in ACTS:
