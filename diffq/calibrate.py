@@ -2,7 +2,7 @@
 
 1. `fp_trajectory`: (x_t, t, y) of the model's own sampling trajectory (the calibration set).
 2. `statistics`: one pass over the calibration set that records, per seam Linear and step, the statistics its
-   parts ask for (`LayerSpec.stats`): per-channel input min/max, fixed random input entries, the inputs of the
+   parts ask for (`LayerSpec.part_stats`): per-channel input min/max, fixed random input entries, the inputs of the
    first images (OMQ), X^T X (additive VQ), row-normalised per-channel mean magnitudes of inputs and outputs and of their increments
    between adjacent steps (ICC). Each step's network call is traced once, so it runs under jit on a sharded
    batch (reductions over the batch become cross-device all-reduces).
@@ -198,8 +198,7 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
   specs = {p: spec_lib.resolve(p, table) for p in paths}
   active = lambda s, part: part in parts and (getattr(s, part) if part in ("smooth", "rotate") else
                                               hasattr(getattr(s, part), "calibrate"))
-  needs = lambda s, names: [n for part in names if active(s, part)
-                            for n in (("in_min", "in_max") if part == "smooth" else getattr(s, part).stats)]
+  needs = lambda s, names: [n for part in names if active(s, part) for n in s.part_stats(part)]
   raw, rotated = {}, {}  # requests of the first pass (layer inputs), of the second (rotated layers' (x / s) R)
   for p, s in specs.items():
     if s.rotate:

@@ -101,25 +101,27 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
   flat_quant = flax.traverse_util.flatten_dict(quant or {}, sep="/")
   firsts = {start for start, _ in plan.segments}
   full = dit_layer_macs(cfg)
-  w_bits = {}
+  specs = {path: spec_lib.resolve(path, table) for path in shapes}
+  w_bits, rotation_bitops = {}, {}  # per layer: stored bits per weight; one call's FWHT BitOPs (rotated layers)
   for path, (n_in, n_out) in shapes.items():
-    spec = spec_lib.resolve(path, table)
+    spec = specs[path]
     q = {k[len(path) + 1:]: v for k, v in flat_quant.items() if k.rsplit("/", 1)[0] == path}
     if getattr(spec.weight, "mixed", False) and "w_bits" not in q:
       raise ValueError(f"Layer {path} has per-channel (OMQ) weight bits: pass its quant collection to count BitOPs.")
     w_bits[path] = spec.weight.stored_bits(q, n_in, n_out) / (n_in * n_out)
+    if spec.rotate:
+      tokens = full[path] // (n_in * n_out)
+      rotation_bitops[path] = tokens * rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
   parts = dict(linear=0.0, attention=0.0, rotation=0.0)
   for i, kind in enumerate(plan.step_kinds):
     for path, m in step_layer_macs(cfg, kind, table).items():
       if path.endswith(ATTENTION_PRODUCTS):
         parts["attention"] += m * 32 * 32
         continue
-      spec = spec_lib.resolve(path, table)
+      spec = specs[path]
       parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts, i)
-      if spec.rotate and m and not spec.cache.reads(kind):
-        n_in, n_out = shapes[path]
-        tokens = full[path] // (n_in * n_out)
-        parts["rotation"] += tokens * rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
+      if path in rotation_bitops and m and not spec.cache.reads(kind):
+        parts["rotation"] += rotation_bitops[path]
   scale = 2 if cfg_scale != 1.0 else 1
   parts = {k: v * scale for k, v in parts.items()}
   return parts if by_part else sum(parts.values())

@@ -72,13 +72,14 @@ class LayerSpec:
       out.update(lora_a=LORA_GROUP, lora_b=LORA_GROUP)
     return out
 
-  @property
-  def stats(self) -> tuple[str, ...]:
-    """The calibration statistics the layer's parts read (diffq/calibrate.py's statistics pass)."""
-    need = [s for part in self.parts for s in part.stats]
-    if self.smooth:
-      need += ["in_min", "in_max"]
-    return tuple(dict.fromkeys(need))
+  def part_stats(self, part: str) -> tuple[str, ...]:
+    """The calibration statistics stage `part` ('smooth', 'rotate', 'weight', 'input' or 'cache') reads
+    (diffq/calibrate.py's statistics pass)."""
+    if part == "smooth":
+      return ("in_min", "in_max") if self.smooth else ()
+    if part == "rotate":
+      return ()  # fixed random signs
+    return getattr(self, part).stats
 
   def effective_weight(self, kernel, q: dict):
     """Rᵀ ((W + A B) * s[:, None]), (in, out): the float weight the weight part sees."""
