@@ -13,6 +13,8 @@ Methods (`method=`; every field stays overridable with --config.quant.X / --conf
   omq          efficientdm + SmoothQuant pre-scale and kurtosis mixed precision (MPQ-DM's OMQ)
   trd          efficientdm + time-smoothed relation distillation (MPQ-DM's TRD)
   mpqdm        efficientdm + OMQ + TRD (MPQ-DM)
+  vq           additive vector quantization of the weights (AQLM / AQUATIC-Diff; `quant.vq`, configs/dit_vq.py):
+               w=M gives M codebooks of 2^8 codewords over groups of 8 inputs (M bits per weight before codebooks)
 OMQ alone as PTQ: method=omq with --config.distill.trajectories=0. Embedders and the final layer stay W8A8
 without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 
@@ -35,6 +37,7 @@ METHODS = {
     "omq": dict(omq=True, trd=False, lora=True),
     "trd": dict(omq=False, trd=True, lora=True),
     "mpqdm": dict(omq=True, trd=True, lora=True),
+    "vq": dict(omq=False, trd=False, lora=False, vq=True),
 }
 
 ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("modiff", False),
@@ -61,7 +64,13 @@ def get_config(arg=None):
                  rotate=ACTS[arg.act][1],     # block-Hadamard rotation of the body layers' inputs
                  act_granularity="tensor",    # dynamic / modiff ranges: tensor | sample (per row) | token
                  modiff=dict(quantizer="static", compensate=True, warmup_bits=0,
-                             late_bits=0, late_from=0))  # late_bits: the differences' bits from step late_from
+                             late_bits=0, late_from=0),  # late_bits: the differences' bits from step late_from
+                 weight="vq" if m.get("vq") else "scalar",  # the body's weight part: scalar | vq
+                 vq=dict(num_codebooks=arg.w, codebook_bits=8, group_size=8,  # M x 8-bit codebooks, g = 8
+                         share="type",          # codebooks shared by: none (per layer) | type (across blocks) | all
+                         beam_size=1, steps_per_epoch=100, lr=1e-4, max_epochs=100, tolerance=0.01,  # AQLM's fit
+                         kmeans_iters=100, kmeans_tol=1e-3, kmeans_points=16384, seed=0,
+                         train=False))          # distillation trains the codebooks and scales
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.

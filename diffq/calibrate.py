@@ -14,16 +14,18 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from diffq import plan as plan_lib, sampler
 from diffq.models import dit, layers
-from diffq.quant import ranges, rotation
+from diffq.quant import ranges, rotation, vq
 from diffq.seam import spec as spec_lib
 
 PARTS = ("smooth", "rotate", "weight", "input", "cache")  # calibration order within a layer
@@ -82,6 +84,7 @@ def _channel_absmean(a):
   return jnp.mean((m - lo + 1e-6) / (hi - lo + 1e-6), axis=0)
 
 
+SUMMED = {"in_xtx"}  # statistics summed over steps, not stacked
 DELTA_STATS = ("in_delta_absmean", "out_delta_absmean", "in_delta_min", "in_delta_max", "in_delta_sample")
 
 
@@ -97,12 +100,13 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
                transforms: dict[str, Callable] | None = None) -> dict[str, dict[str, jax.Array]]:
   """{layer path: {statistic: array}} of the model under `table` over the calibration set, for the statistics
   `requests` names per layer. Per step (leading axis S): in_min, in_max (in,) per-channel input range;
-  in_xtx (in, in) the input's X^T X over rows and tokens; in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
+  in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
   smaller; in_sample_channel (k,) their channels); in_absmean (in,), out_absmean (out,) (`_channel_absmean`);
   in_delta_absmean, out_delta_absmean (S - 1 pairs of adjacent steps) the same of the increments, and
   in_delta_min, in_delta_max (in,), in_delta_sample (k,) of the input increments x_i - x_{i-1}. in_rows: the
   inputs of the first `images_per_step` images (and their guidance twins), steps concatenated
-  (S * rows, ..., in). A layer in `transforms` ({path: fn}) has its statistics taken of fn(input) instead."""
+  (S * rows, ..., in). Summed over steps (no leading axis): in_xtx (in, in), the input's X^T X over every row,
+  token and step. A layer in `transforms` ({path: fn}) has its statistics taken of fn(input) instead."""
   model = dit.DiT(config=model_cfg, specs=tuple(table))
   n = cal.xs.shape[1]
   keep = jnp.concatenate([jnp.arange(images_per_step), n + jnp.arange(images_per_step)]) \
@@ -145,10 +149,14 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
     return stats, raw
 
   fn = jax.jit(one_step)
-  per_step, prev = [], None
+  per_step, sums, prev = [], {}, None
   for i in range(len(cal.plan.steps)):
     ctx = plan_lib.StepContext(jnp.int32(i))  # every step runs as a full step; per-step quantizers by index
     stats, raw = fn(*_model_batch(cal, i), ctx, prev)
+    for p, s in stats.items():  # summed statistics accumulate here (XLA keeps no per-step copies)
+      for k in SUMMED & set(s):
+        v = s.pop(k)
+        sums[p, k] = v if (p, k) not in sums else sums[p, k] + v
     per_step.append(stats)
     prev = raw if wants_delta else None
   out = {}
@@ -156,6 +164,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
     keys = set(per_step[-1][p])
     channels = {"in_sample_channel", "in_delta_sample_channel"} & keys
     s = {k: jnp.stack([st[p][k] for st in per_step if k in st[p]]) for k in keys - {"in_rows"} - channels}
+    s.update({k: sums[p, k] for k in SUMMED if (p, k) in sums})
     if "in_rows" in keys:
       s["in_rows"] = jnp.concatenate([st[p]["in_rows"] for st in per_step])
     for k in channels:
@@ -180,13 +189,14 @@ def quant_template(model_cfg: dit.DiTConfig, table: spec_lib.SpecTable) -> dict:
 def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, table: spec_lib.SpecTable, *,
               base_table: spec_lib.SpecTable = (), parts: tuple[str, ...] = PARTS,
               omq_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), omq_images_per_step: int = 2,
-              act_sample_size: int = 16384) -> tuple[dict, dict]:
+              act_sample_size: int = 16384, vq_settings: vq.FitSettings = vq.FitSettings()) -> tuple[dict, dict]:
   """(`quant` collection of the model under `table`, report {layer: {omq_k, ...}}).
 
   Statistics come from the model `variables` runs under `base_table` (the FP network for quantization; a
   quantized model for caching on top of it). The `parts` named are calibrated (the others keep the values in
   `variables["quant"]`, or their neutral initial values): smoothing scales (SmoothQuant on the inputs' absmax),
-  rotation signs (rotation.random_signs), weight quantizers (OMQ bit vectors with k searched over `omq_fractions`, then MSE ranges), per-step input
+  rotation signs (rotation.random_signs), weight quantizers (OMQ bit vectors with k searched over `omq_fractions`,
+  then MSE ranges; additive VQ fitted under `vq_settings`, layers of one `share` group jointly), per-step input
   quantizers, ICC factors. LoRA stays at its initialisation (B = 0: merged weight = FP weight)."""
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
@@ -221,19 +231,33 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
       q["rot_signs"] = rotation.random_signs(kernel.shape[0])  # also when calibrating under a rotation not given
   second = {p: tuple(dict.fromkeys(n)) for p, n in rotated.items() if n}
   stats_rotated = pass_stats(second, {p: (lambda a, s=specs[p], q=qs[p]: s.transform_input(a, q)) for p in second})
-  report = {}
-  options = dict(omq_fractions=tuple(omq_fractions))
+  options = dict(omq_fractions=tuple(omq_fractions), vq=vq_settings)
+  data = {}
   for p, s in specs.items():
-    q, kernel = qs[p], kernels[p]
     first = stats.get(p, {})
     if p in stats_rotated:  # the first pass's input ranges were smoothing's (of x, not (x / s) R): not the parts'
       first = {k: v for k, v in first.items() if k not in ("in_min", "in_max") or k in needs(s, ("cache",))}
-    layer = spec_lib.LayerData(p, s, kernel, {**first, **stats_rotated.get(p, {})}, q, options, {},
-                               transformed=p in stats_rotated)
-    for part in ("weight", "input", "cache"):
+    data[p] = spec_lib.LayerData(p, s, kernels[p], {**first, **stats_rotated.get(p, {})}, qs[p], options, {},
+                                 transformed=p in stats_rotated)
+  for part in ("weight", "input", "cache"):  # a layer's parts in pipeline order; a shared group's layers together
+    groups = {}
+    for p, s in specs.items():
       if active(s, part):
-        q.update(getattr(s, part).calibrate(layer))
-    if layer.report:
-      report[p] = dict(layer.report, out_channels=int(kernel.shape[1]) if kernel is not None else None)
+        obj = getattr(s, part)
+        group = obj.share_group(p) if hasattr(obj, "share_group") else None
+        groups.setdefault(p if group is None else (obj, group), []).append(data[p])
+    t0, logged = time.time(), time.time()
+    for i, (key, members) in enumerate(groups.items()):
+      obj = getattr(members[0].spec, part)
+      fitted = obj.calibrate_shared(members) if isinstance(key, tuple) else [obj.calibrate(members[0])]
+      for layer, values in zip(members, fitted):
+        layer.q.update(values)
+      if time.time() - logged > 10 or (i + 1 == len(groups) and time.time() - t0 > 10):  # slow parts (VQ fits)
+        logged, spent = time.time(), time.time() - t0
+        logging.info("Calibrated the %s parts of %d/%d layer groups (%.0f s, ETA %.0f s).", part, i + 1,
+                     len(groups), spent, spent / (i + 1) * (len(groups) - i - 1))
+  report = {p: dict(l.report, out_channels=int(l.kernel.shape[1]) if l.kernel is not None else None)
+            for p, l in data.items() if l.report}
+  for p, q in qs.items():
     flat.update({tuple(p.split("/")) + (k,): v for k, v in q.items()})
   return flax.traverse_util.unflatten_dict(flat), report

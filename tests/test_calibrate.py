@@ -93,10 +93,11 @@ def test_statistics_pass_matches_numpy_on_the_captured_inputs():
   caps = [calibrate.capture_layers(model, {"params": params}, *calibrate._model_batch(cal, i))[1][p]
           for i in range(4)]
   xs = [np.asarray(c[0], np.float64) for c in caps]
+  flat_all = np.concatenate([x.reshape(-1, x.shape[-1]) for x in xs])
+  np.testing.assert_allclose(stats["in_xtx"], flat_all.T @ flat_all, rtol=1e-4, atol=1e-3)  # summed over steps
   for i, x in enumerate(xs):
     flat = x.reshape(-1, x.shape[-1])
     np.testing.assert_allclose(stats["in_min"][i], flat.min(0), rtol=1e-6)  # jit vs eager: last-bit fusion
-    np.testing.assert_allclose(stats["in_xtx"][i], flat.T @ flat, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(stats["in_sample"][i], x.reshape(-1)[np.asarray(
         jax.random.randint(jax.random.key(0), (100,), 0, x.size))], rtol=1e-5, atol=1e-7)
     m = np.abs(x).mean(1)

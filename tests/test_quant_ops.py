@@ -73,9 +73,9 @@ def test_codes_are_integers_and_reproduce_fake_quant():
   np.testing.assert_array_equal(ops.dequantize(codes, s, z), ops.fake_quant(x, s, z, qmax))
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("bits", [*range(1, 9), 12, 16])
 def test_pack_unpack_round_trip(bits):
-  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(7, 13)).astype(np.uint8)
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, size=(7, 13)).astype(np.uint8 if bits <= 8 else np.uint16)
   packed = pack.pack(codes, bits)
   assert packed.dtype == np.uint8 and packed.size == -(-codes.size * bits // 8)
   np.testing.assert_array_equal(pack.unpack(packed, bits, codes.shape), codes)

@@ -1,16 +1,22 @@
-"""Deployable export of a fake-quant DiT: packed integer weight codes + scales, and its exact re-import.
+"""Deployable export of a quantized DiT: packed weight codes + their quantizer arrays, and its exact re-import.
 
 `integer_codes` turns a fake-quant model's `quant` collection into its deployed form (`weights.Codes`: w_codes of
-the merged, smoothed weight). Per quantized layer the npz holds `w_packed` (uint8): output channel c's `in` codes packed at
-that channel's bit width (symmetric codes offset by 2^(b-1) to be unsigned), each channel starting on a byte
-boundary, channels in order (the byte offsets follow from the bit widths, so they are not stored); plus
-`w_scale`, `w_zero` (rounded, as used), `w_bits` (mixed precision), `smooth`, `rot_signs`, `a_scale`, `a_zero`. Float kernels
-of quantized layers are not stored; LoRA is merged into the codes. Everything else (biases, the label table,
-float layers) stays float32 under `params/`. The manifest metadata holds the DiT config, the deployed spec table
-(`specs`, diffq/seam/spec.py dict form) and each quantized layer's (in, out). Exports written before the seam of
-parts (metadata `policies`, wave-1 `LayerPolicy` dicts) still import.
+the merged, smoothed weight; additive-VQ layers are already deployed). Per quantized layer the npz holds
+- scalar codes: `w_packed` (uint8): output channel c's `in` codes packed at that channel's bit width (symmetric
+  codes offset by 2^(b-1) to be unsigned), each channel starting on a byte boundary, channels in order (the byte
+  offsets follow from the bit widths, so they are not stored); plus `w_scale`, `w_zero` (rounded, as used),
+  `w_bits` (mixed precision);
+- additive VQ: `vq_packed` (uint8): the (out, in/g, M) codes packed at codebook_bits, `vq_scales` (float16), and
+  `vq_codebooks` (float16) stored once per sharing group, in its first layer (manifest `vq_codebooks_of`:
+  {layer: the layer holding its codebooks});
+- `smooth`, `rot_signs`, `a_scale`, `a_zero`.
+Float kernels of quantized layers are not stored; LoRA is merged into the codes. Everything else (biases, the
+label table, float layers) stays float32 under `params/`. The manifest metadata holds the DiT config, the
+deployed spec table (`specs`, diffq/seam/spec.py dict form) and each quantized layer's (in, out). Exports
+written before the seam of parts (metadata `policies`, wave-1 `LayerPolicy` dicts) still import.
 
-Re-import gives a model of the deployed specs whose outputs equal the fake-quant model's bit for bit.
+Re-import gives a model of the deployed specs whose outputs equal the fake-quant model's bit for bit (VQ layers
+compute with float16-rounded codebooks and scales, which is what is stored).
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from diffq.seam import spec as spec_lib, weights
 
 KIND = "dit_quantized"
 STORED = ("w_scale", "w_zero", "w_bits", "smooth", "rot_signs", "a_scale", "a_zero")
+LAYER_MARKS = ("w_scale", "vq_codes", "vq_packed")  # a quantized layer's variables (fake-quant, VQ, stored VQ)
+WEIGHT_STORED = ("w_scale", "w_zero", "w_bits")  # the scalar weight quantizer's arrays (bits_per_weight_total)
 
 
 def deployed_table(table: spec_lib.SpecTable) -> tuple:
@@ -35,7 +43,8 @@ def deployed_table(table: spec_lib.SpecTable) -> tuple:
 
 
 def _layer_paths(quant: dict) -> list[str]:
-  return sorted({"/".join(k[:-1]) for k in flax.traverse_util.flatten_dict(quant) if k[-1] == "w_scale"})
+  """Layers with a quantized weight (scalar scales or VQ codes)."""
+  return sorted({"/".join(k[:-1]) for k in flax.traverse_util.flatten_dict(quant) if k[-1] in LAYER_MARKS})
 
 
 def _get(tree, path):
@@ -50,6 +59,9 @@ def integer_codes(params, quant, table: spec_lib.SpecTable) -> dict:
   flat = {}
   for p in _layer_paths(quant):
     spec, q = spec_lib.resolve(p, table), _get(quant, p)
+    if isinstance(spec.weight, weights.VQ):
+      flat.update({f"{p}/{k}": v for k, v in q.items()})
+      continue
     if not isinstance(spec.weight, weights.Scalar):
       raise ValueError(f"Layer {p} has a {spec.weight.type!r} weight; integer codes come from a 'scalar' "
                        "(fake-quant) weight.")
@@ -61,40 +73,84 @@ def integer_codes(params, quant, table: spec_lib.SpecTable) -> dict:
 def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: spec_lib.SpecTable,
                      metadata: dict | None = None, extra_stats: dict | None = None) -> dict:
   """Writes the export; returns stats: bits_per_weight (stored bits per matmul/embedding weight; float ones
-  count 32), model_bytes (all stored arrays) = code_bytes (packed codes) + scale_bytes (other quantizer arrays)
+  count 32; scalar layers count their codes, VQ layers codes, scales and their share of the codebooks),
+  bits_per_weight_total (every weight-quantizer array counted: scalar scales, zero points and bit maps too), model_bytes (all stored arrays) = code_bytes (packed codes) + scale_bytes (other quantizer arrays)
   + float_bytes (float params), fp_model_bytes (the float32 params of the fake-quant model), plus
   `extra_stats` (e.g. the producing job's seconds). The manifest keeps them as metadata["job_metrics"]."""
   params = jax.device_get(params)
   quant_int = jax.device_get(integer_codes(params, jax.device_get(quant), table))
   flat = {"params/" + k: np.asarray(v) for k, v in npz.flatten(params).items()}
-  shapes, code_bits, n_quantized = {}, 0, 0
+  shapes, code_bits, quantizer_bits, n_quantized, owners, holders = {}, 0, 0, 0, {}, {}
   for p in _layer_paths(quant_int):
     part, q = spec_lib.resolve(p, table).weight, _get(quant_int, p)
-    codes = np.asarray(q["w_codes"])
-    bits = part.channel_bits(q, codes.shape[1])
-    if part.symmetric:
-      codes = codes + (1 << (bits - 1))[None, :]
-    flat[f"quant/{p}/w_packed"], _ = pack.pack_rows(codes.T, bits)
+    n_in, n_out = _get(params, p)["kernel"].shape
+    if isinstance(part, weights.VQ):
+      bits = _pack_vq(flat, p, part, q, holders, owners)
+      code_bits += bits
+      quantizer_bits += bits
+    else:
+      codes = np.asarray(q["w_codes"])
+      bits = part.channel_bits(q, n_out)
+      if part.symmetric:
+        codes = codes + (1 << (bits - 1))[None, :]
+      flat[f"quant/{p}/w_packed"], _ = pack.pack_rows(codes.T, bits)
+      code_bits += part.stored_bits(q, n_in, n_out)
+      quantizer_bits += part.stored_bits(q, n_in, n_out) + sum(8 * np.asarray(q[k]).nbytes for k in WEIGHT_STORED
+                                                                if k in q)
     for name in STORED:
       if name in q:
         flat[f"quant/{p}/{name}"] = np.round(q[name]) if name == "w_zero" else np.asarray(q[name])
     del flat[f"params/{p}/kernel"]
-    shapes[p] = list(codes.shape)
-    code_bits += part.stored_bits(q, *codes.shape)
-    n_quantized += codes.size
+    shapes[p] = [int(n_in), int(n_out)]
+    n_quantized += n_in * n_out
   float_weights = sum(v.size for k, v in flat.items() if k.startswith("params/") and k.endswith(("kernel",
                                                                                                  "embedding")))
   nbytes = lambda keep: sum(int(v.nbytes) for k, v in flat.items() if keep(k))
-  stats = dict(extra_stats or {},
-               bits_per_weight=(code_bits + 32 * float_weights) / (n_quantized + float_weights),
-               model_bytes=nbytes(lambda k: True), code_bytes=nbytes(lambda k: k.endswith("/w_packed")),
-               scale_bytes=nbytes(lambda k: k.startswith("quant/") and not k.endswith("/w_packed")),
+  per_weight = lambda bits: (bits + 32 * float_weights) / (n_quantized + float_weights)
+  packed = lambda k: k.endswith(("/w_packed", "/vq_packed"))
+  stats = dict(extra_stats or {}, bits_per_weight=per_weight(code_bits),
+               bits_per_weight_total=per_weight(quantizer_bits),
+               model_bytes=nbytes(lambda k: True), code_bytes=nbytes(packed),
+               scale_bytes=nbytes(lambda k: k.startswith("quant/") and not packed(k)),
                float_bytes=nbytes(lambda k: k.startswith("params/")),
                fp_model_bytes=int(sum(4 * np.size(v) for v in jax.tree.leaves(params))))
   meta = dict(metadata or {}, kind=KIND, model=dataclasses.asdict(model_cfg), layers=shapes,
               specs=spec_lib.table_to_list(deployed_table(table)), job_metrics=stats)
+  if owners:
+    meta["vq_codebooks_of"] = owners
   npz.export_npz(path, npz.unflatten(flat), metadata=meta)
   return stats
+
+
+def _pack_vq(flat: dict, p: str, part: weights.VQ, q: dict, holders: dict, owners: dict) -> float:
+  """Stores layer p's VQ codes, scales and (if it is the first of its sharing group) codebooks in `flat`;
+  records its codebooks' layer in owners[p]. Returns its stored bits."""
+  flat[f"quant/{p}/vq_packed"] = pack.pack(np.asarray(q["vq_codes"]), part.codebook_bits)
+  flat[f"quant/{p}/vq_scales"] = np.asarray(q["vq_scales"]).astype(np.float16)
+  books = np.asarray(q["vq_codebooks"]).astype(np.float16)
+  group = part.share_group(p)
+  owner = holders.setdefault(p if group is None else (part, group), p)
+  owners[p] = owner
+  bits = 8 * (flat[f"quant/{p}/vq_packed"].nbytes + flat[f"quant/{p}/vq_scales"].nbytes)
+  if owner == p:
+    flat[f"quant/{p}/vq_codebooks"] = books
+    return bits + 8 * books.nbytes
+  if not np.array_equal(flat[f"quant/{owner}/vq_codebooks"], books):
+    raise ValueError(f"Layers {owner} and {p} share codebooks (group {group!r}) but hold different ones; train "
+                     "shared codebooks tied (diffq/distill.py) or set quant.vq.share='none'.")
+  return bits
+
+
+def _unpack_vq(quant: dict, p: str, part, n_in: int, n_out: int, owner: str) -> None:
+  """vq_packed -> vq_codes (out, in/g, M) int32; float16 scales and the owner's codebooks -> float32."""
+  if not isinstance(part, weights.VQ):
+    raise ValueError(f"the spec table gives it a {part.type!r} weight, not additive VQ")
+  q = _get(quant, p)
+  shape = (n_out, n_in // part.group_size, part.num_codebooks)
+  q["vq_codes"] = pack.unpack(q.pop("vq_packed"), part.codebook_bits, shape).astype(np.int32)
+  q["vq_scales"] = q["vq_scales"].astype(np.float32)
+  books = _get(quant, owner)["vq_codebooks"]
+  q["vq_codebooks"] = books.astype(np.float32)
 
 
 def _decode(packed: np.ndarray, q: dict, part, n_in: int, n_out: int) -> np.ndarray:
@@ -134,10 +190,15 @@ def import_quantized(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path} is a malformed quantized DiT export ({type(e).__name__}: {e}); re-export it with "
                      "diffq.io.quantized.export_quantized.") from e
-  for p, shape in meta["layers"].items():
+  owners = meta.get("vq_codebooks_of", {})
+  for p in sorted(meta["layers"], key=lambda p: owners.get(p) == p, reverse=True):  # codebook holders first
+    shape = meta["layers"][p]
     try:
       q = _get(quant, p)
-      q["w_codes"] = _decode(q.pop("w_packed"), q, spec_lib.resolve(p, table).weight, *shape)
+      if p in owners:
+        _unpack_vq(quant, p, spec_lib.resolve(p, table).weight, *shape, owners[p])
+      else:
+        q["w_codes"] = _decode(q.pop("w_packed"), q, spec_lib.resolve(p, table).weight, *shape)
     except (KeyError, TypeError, ValueError) as e:
       raise ValueError(f"{path}: quantized layer {p} is malformed ({type(e).__name__}: {e}); re-export it with "
                        "diffq.io.quantized.export_quantized.") from e

@@ -95,12 +95,21 @@ def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, sett
   quant, report = calibrate.calibrate(model_cfg, {"params": params}, cal, table,
                                       omq_fractions=tuple(config.quant.omq_fractions),
                                       omq_images_per_step=config.calib.omq_images_per_step,
-                                      act_sample_size=config.calib.act_sample_size)
+                                      act_sample_size=config.calib.act_sample_size,
+                                      vq_settings=rules.vq_fit_settings(config.quant.vq))
+  omq = {p: r for p, r in report.items() if "omq_k" in r}
+  vq_layers = {p: r for p, r in report.items() if "vq_loss" in r}
   info = dict(kind="calibrated_quant", seconds=time.time() - t0, settings=stages.canonical(settings),
-              omq_k={p: r["omq_k"] for p, r in report.items()},
-              omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in report.values()]))
-              if report else 0.0)
-  logging.info("Calibrated in %.0f s; OMQ k per layer: %s", info["seconds"], info["omq_k"])
+              omq_k={p: r["omq_k"] for p, r in omq.items()},
+              omq_mean_fraction=float(np.mean([r["omq_k"] / r["out_channels"] for r in omq.values()]))
+              if omq else 0.0)
+  if vq_layers:  # relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per layer, at the k-means start and fitted
+    info.update(vq_error={p: r["vq_loss"] for p, r in vq_layers.items()},
+                vq_start_error={p: r["vq_start_loss"] for p, r in vq_layers.items()},
+                vq_mean_error=float(np.mean([r["vq_loss"] for r in vq_layers.values()])),
+                vq_seconds=float(sum(r["vq_seconds"] for r in vq_layers.values())))
+  logging.info("Calibrated in %.0f s; OMQ k per layer: %s; VQ error per layer: %s", info["seconds"],
+               info["omq_k"], info.get("vq_error"))
   npz.export_npz(path, jax.device_get(quant), metadata=info)
   return quant, info
 
@@ -195,8 +204,9 @@ def run(config, workdir: str) -> dict:
   calib_settings = dict(
       params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
       # the input part's and rotation's settings are recorded through the specs, an unrotated spec without the
-      # key (wave-1 records stay valid)
-      quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff", "rotate") + omq_keys),
+      # key, a scalar-weight job without the VQ keys (wave-1 records stay valid)
+      quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff", "rotate") + omq_keys +
+                    (("weight", "vq") if config.quant.weight == "scalar" else ())),
       specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()
                     if k != "rotate" or v}] for pat, d in spec_lib.table_to_list(table)],
       calib=without(config.calib.to_dict(), omq_keys),
@@ -210,7 +220,8 @@ def run(config, workdir: str) -> dict:
 
   def quantize():
     quant, info = calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, calib_settings)
-    metrics = dict(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0)
+    metrics = dict(calib_seconds=info["seconds"], omq_mean_fraction=info["omq_mean_fraction"], distill_seconds=0.0,
+                   **{k: info[k] for k in ("vq_mean_error", "vq_seconds") if k in info})
     q = quant
     if distiller is not None:
       q, distilled = distilled_quant(config, distiller, params, quant, mesh, workdir, distill_settings)

@@ -3,11 +3,15 @@
 `quant_table(config.quant, steps)`: MPQ-DM's layout. Layers matching `keep_8bit` get W8A8 per-channel weights
 and per-step inputs, no smoothing/rotation/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
 W`w_bits`A`a_bits` with the configured options (`quant.act` its input part, `quant.rotate` the Hadamard rotation
-of its input), and trains in distillation when it carries LoRA.
+of its input), and trains in distillation when it carries LoRA; `quant.weight='vq'` makes the body's weights
+additive VQ (`quant.vq`), trained in distillation (codebooks and scales) when `quant.vq.train`.
 `icc_rules(ranks, svd, state_dtype, mlp)`: the ICC cache part on the block linears, one rank per layer type.
 """
 from __future__ import annotations
 
+import dataclasses
+
+from diffq.quant import vq
 from diffq.seam import caches, inputs, spec as spec_lib, weights
 
 ICC_LAYERS = {"qkv": ("blocks_*/attn/qkv", 3), "proj": ("blocks_*/attn/proj", 1), "fc1": ("blocks_*/mlp/fc1", 1),
@@ -46,16 +50,40 @@ def scalar_spec(w_bits: int, a_bits: int = 0, steps: int = 1, *, symmetric: bool
                             lora_rank=lora_rank, smooth=smooth, rotate=rotate, train=lora_rank > 0)
 
 
+WEIGHTS = ("scalar", "vq")  # quant.weight: the body layers' weight part
+
+
+def vq_part(vcfg) -> weights.VQ:
+  """The additive-VQ weight part of a `quant.vq` block (num_codebooks, codebook_bits, group_size, share)."""
+  return weights.VQ(vcfg.num_codebooks, vcfg.codebook_bits, vcfg.group_size, vcfg.share)
+
+
+def vq_fit_settings(vcfg) -> vq.FitSettings:
+  """How calibration fits the VQ weights (`quant.vq`: beam_size, steps_per_epoch, lr, max_epochs, tolerance,
+  kmeans_iters, seed)."""
+  return vq.FitSettings(**{f.name: vcfg[f.name] for f in dataclasses.fields(vq.FitSettings)})
+
+
 def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], ...]:
+  """Boundary layers (`keep_8bit`) W8A8; the body: weight part `quant.weight` (scalar W`w_bits`, or additive VQ
+  from `quant.vq`), input part `quant.act` at A`a_bits`."""
+  kind = qcfg.get("weight", "scalar")
+  if kind not in WEIGHTS:
+    raise ValueError(f"Unknown quant.weight {kind!r}; choose one of {WEIGHTS}.")
   if qcfg.omq and qcfg.w_group_size:
     raise ValueError("quant.omq assigns bits per output channel and cannot be combined with quant.w_group_size; "
                      "set one of them to its default (omq=False or w_group_size=0).")
+  if kind == "vq" and (qcfg.omq or qcfg.lora_rank):
+    raise ValueError("VQ weights (quant.weight='vq') have no scalar bit map for OMQ and no float kernel for LoRA; "
+                     "set quant.omq=False and quant.lora_rank=0.")
   boundary = scalar_spec(8, 8, num_steps, grad=qcfg.grad)
   act = input_part(qcfg.get("act", "static"), qcfg.a_bits, num_steps, grad=qcfg.grad,
                    granularity=qcfg.get("act_granularity", "tensor"), modiff=qcfg.get("modiff"))
   body = scalar_spec(qcfg.w_bits, qcfg.a_bits, num_steps, symmetric=qcfg.w_symmetric, group_size=qcfg.w_group_size,
                      mixed=qcfg.omq, smooth=qcfg.smooth, rotate=qcfg.get("rotate", False), lora_rank=qcfg.lora_rank,
                      grad=qcfg.grad, act=act)
+  if kind == "vq":
+    body = body.replace(weight=vq_part(qcfg.vq), train=qcfg.vq.train)
   patterns = [p for p in qcfg.keep_8bit.split(",") if p]
   return tuple((p, boundary) for p in patterns) + (("*", body),)
 

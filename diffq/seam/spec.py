@@ -217,6 +217,15 @@ class LayerData:
     """The input part's input (x / s) R of the statistics' inputs x (..., in)."""
     return x if self.transformed else self.spec.transform_input(x, self.q)
 
+  def input_xtx(self):
+    """H = XᵀX (in, in) of the input part's input over the calibration set (statistic in_xtx); smoothing is
+    applied here, D⁻¹ H D⁻¹ with D = diag(s)."""
+    h = self.stats["in_xtx"]
+    if self.spec.smooth and not self.transformed:
+      inv = 1.0 / self.q["smooth"]
+      h = h * inv[:, None] * inv[None, :]
+    return h
+
   def part_kernel(self):
     """Rᵀ (W * s[:, None]) (in, out): the FP weight the weight part quantizes (LoRA is zero at calibration)."""
     return self.spec.replace(lora_rank=0).effective_weight(self.kernel, self.q)

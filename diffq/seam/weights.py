@@ -6,23 +6,28 @@
   (in/g, 1, out)), w_bits (1, out) int32 when mixed. Its deployed form is `Codes`.
 - `Codes`: the deployed form: no float kernel; integer codes w_codes (in, out) and the same scales;
   dequantize(codes) equals `Scalar`'s output bit for bit.
-- additive vector quantization (codes into learned codebooks): the slot exists (`TYPES`), filled by the VQ issue.
+- `VQ`: additive vector quantization (diffq/quant/vq.py): each group of `group_size` inputs of an output channel
+  is s_o Σ_m C_m[B[o, j, m]]; variables vq_codes (out, in/g, M) int32, vq_codebooks (M, 2^b, g), vq_scales (out,).
+  No float kernel; it is its own deployed form. Layers of one `share` group (one per layer type across blocks, or
+  one for all) and of the same layout share a codebook set, fitted jointly to their summed output errors.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import re
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffq.quant import omq, ops, ranges
+from diffq.quant import omq, ops, ranges, vq
 from diffq.seam.variables import Variable
 
 GRADS = ("ste", "lsq")
+SHARES = ("none", "type", "all")  # VQ codebook sharing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,4 +175,60 @@ def weight_ranges(w, part: _Uniform, bits=None):
   return ranges.mse_range(w, bits, (0,), symmetric=part.symmetric)
 
 
-TYPES = {"float": Float, "scalar": Scalar, "codes": Codes, "vq": None}  # vq: additive VQ, the VQ issue's part
+@dataclasses.dataclass(frozen=True)
+class VQ:
+  """Ŵ = dequantize(vq_codes, vq_codebooks, vq_scales) (in, out), fitted at calibration from the layer's FP
+  (smoothed, rotated) kernel and the second moment H = XᵀX of the input part's input over the calibration
+  trajectory (`vq.quantize_weights`, settings from the job option `vq`: a vq.FitSettings)."""
+  type: ClassVar[str] = "vq"
+  needs_kernel: ClassVar[bool] = False
+  trainable: ClassVar[dict] = {"vq_codebooks": "vq", "vq_scales": "vq"}
+  stats: ClassVar[tuple] = ("in_xtx",)
+  num_codebooks: int = 2
+  codebook_bits: int = 8
+  group_size: int = 8
+  share: str = "none"  # none: private codebooks | type: one set per layer type across blocks | all: one set
+
+  def __post_init__(self):
+    vq.check_shape(self.group_size, self.num_codebooks, self.codebook_bits, self.group_size)
+    if self.share not in SHARES:
+      raise ValueError(f"Unknown VQ codebook sharing {self.share!r}; choose one of {SHARES}.")
+
+  def share_group(self, path: str) -> str | None:
+    """The codebook group of layer `path` (None: private): 'attn/qkv' for blocks_3/attn/qkv under 'type'."""
+    if self.share == "none":
+      return None
+    return re.sub(r"^blocks_\d+/", "", path) if self.share == "type" else "all"
+
+  def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
+    vq.check_shape(n_in, self.num_codebooks, self.codebook_bits, self.group_size)
+    m, g = self.num_codebooks, self.group_size
+    return {"vq_codes": Variable((n_out, n_in // g, m), jnp.int32),
+            "vq_codebooks": Variable((m, 2 ** self.codebook_bits, g)), "vq_scales": Variable((n_out,), fill=1.0)}
+
+  def matrix(self, q: dict, w_eff):
+    return vq.dequantize(vq.VQWeight(q["vq_codes"], q["vq_codebooks"], q["vq_scales"]))
+
+  def calibrate_shared(self, layers) -> list[dict]:
+    """The VQ variables of `layers` (LayerData of the layers sharing this part's codebooks, or one layer)."""
+    fitted, info = vq.quantize_weights([l.part_kernel() for l in layers], [l.input_xtx() for l in layers],
+                                       num_codebooks=self.num_codebooks, codebook_bits=self.codebook_bits,
+                                       group_size=self.group_size, settings=layers[0].options["vq"])
+    for l, start, end in zip(layers, info["start_errors"], info["errors"]):
+      l.report.update(vq_loss=end, vq_start_loss=start, vq_epochs=info["epochs"],
+                      vq_seconds=info["seconds"] / len(layers), vq_shared_by=len(layers))
+    return [dict(vq_codes=w.codes, vq_codebooks=w.codebooks, vq_scales=w.scales) for w in fitted]
+
+  def calibrate(self, layer) -> dict:
+    return self.calibrate_shared([layer])[0]
+
+  def deployed(self):
+    return self
+
+  def stored_bits(self, q: dict, n_in: int, n_out: int) -> int:
+    """Codes and scales (the codebooks are counted once per sharing group by the export)."""
+    b = vq.stored_bits(n_in, n_out, self.num_codebooks, self.codebook_bits, self.group_size)
+    return int(b["codes"] + b["scales"])
+
+
+TYPES = {"float": Float, "scalar": Scalar, "codes": Codes, "vq": VQ}

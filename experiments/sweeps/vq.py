@@ -1,0 +1,31 @@
+"""Additive vector quantization (AQLM's layer fit; AQUATIC-Diff's stage 1) vs scalar weights under the protocol
+(experiments/PROTOCOL.md: N = 5000, DDIM 20, seed 0, CFG 3): FP; scalar uniform PTQ, EfficientDM-style and MPQ-DM
+at W4A8, W3A8, W2A8; VQ (M x 8-bit codebooks over groups of 8 inputs, codebooks shared per layer type) at the
+same code bits, and at W2A4 with rotated MoDiff activations next to MPQ-DM with the same activation part.
+`bits_per_weight_total` counts every stored weight-quantizer array (scalar scales and zero points, VQ codebooks
+and scales); A8 rows use the static per-step activation quantizer."""
+NAME = "vq"
+COLUMNS = ["setting", "method", "fid", "sfid", "is", "precision", "recall", "class_acc", "bits_per_weight",
+           "bits_per_weight_total", "model_bytes", "vq_mean_error", "quant_seconds", "seconds"]
+PIVOTS = [dict(rows="method", cols="setting", value="fid"), dict(rows="method", cols="setting", value="sfid"),
+          dict(rows="method", cols="setting", value="bits_per_weight_total")]
+LINES = [dict(x="bits_per_weight_total", y="fid", group="method", reference="fp", log_y=True)]
+PROTOCOL = {"sample.num_samples": 5000, "sample.seed": 0}
+GRID = {(4, 8)}  # scalar settings experiments/sweeps/quant_grid.py ran: reuse its runs
+
+RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
+             labels={"setting": "FP", "method": "float"})]
+RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static", overrides=PROTOCOL,
+              labels={"setting": f"W{w}A8", "method": m},
+              **({"workdir": f"quant_grid/w{w}a8_{m}"} if (w, 8) in GRID else {}))
+         for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
+RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
+              labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
+RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
+              overrides={**PROTOCOL, "quant.vq.share": share}, labels={"setting": "W2A8", "method": f"vq_{share}"})
+         for share in ("none", "all")]
+RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+              overrides={**PROTOCOL, "quant.modiff.quantizer": "static"}, workdir="modiff/w2a4_mpqdm_rotate_modiff_static",
+              labels={"setting": "W2A4", "method": "mpqdm"}),
+         dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
+              labels={"setting": "W2A4", "method": "vq"})]
