@@ -4,6 +4,7 @@ sampled from the re-imported export and scored.
   python main.py --config=configs/dit_vq.py --workdir=runs/vq_w2a8                    # W2A8: 2x8-bit codebooks, g=8
   python main.py --config=configs/dit_vq.py:w=3 --workdir=runs/vq_w3a8                # 3 codebooks
   python main.py --config=configs/dit_vq.py:w=2,a=4,act=rotate_modiff --workdir=runs/vq_w2a4   # + rotated MoDiff
+  python main.py --config=configs/dit_vq.py:pv --workdir=runs/vq_w2a8_pv             # + PV-tuning
   python main.py --config=configs/dit_vq.py:quick --workdir=/tmp/vq_quick             # smoke run
 
 Every body layer's weight (W x 8 bits per group of 8 inputs, codebooks shared per layer type across blocks:
@@ -11,13 +12,17 @@ Every body layer's weight (W x 8 bits per group of 8 inputs, codebooks shared pe
 k-means, then Adam on codebooks and scales alternating with a beam search over the codes (`quant.vq`: beam_size,
 steps_per_epoch, lr, max_epochs, tolerance). Embedders and the final layer stay W8A8 (`quant.keep_8bit`). The
 activation part is that of configs/dit_w2a4.py (`act=`); A8 defaults to the static per-step quantizer.
+`pv` fine-tunes on the distillation loop (diffq/distill.py): Adam on codebooks and scales, and after every
+update the 1% of code groups farthest from their straight-through targets re-encoded (`distill.vq_lr`,
+`code_lr`, `max_code_change`, `code_beam`, `semi`).
 """
 from configs import dit_w2a4
 
 
 def get_config(arg=None):
-  arg = dit_w2a4.configlib.parse_arg(arg, w=2, a=8, act="static", quick=False)
-  c = dit_w2a4.get_config(f"w={arg.w},a={arg.a},method=vq,act={arg.act}" + (",quick" if arg.quick else ""))
+  arg = dit_w2a4.configlib.parse_arg(arg, w=2, a=8, act="static", pv=False, quick=False)
+  method = "vq_pv" if arg.pv else "vq"
+  c = dit_w2a4.get_config(f"w={arg.w},a={arg.a},method={method},act={arg.act}" + (",quick" if arg.quick else ""))
   if arg.quick:
     c.quant.vq.max_epochs = 3
   return c

@@ -15,6 +15,7 @@ Methods (`method=`; every field stays overridable with --config.quant.X / --conf
   mpqdm        efficientdm + OMQ + TRD (MPQ-DM)
   vq           additive vector quantization of the weights (AQLM / AQUATIC-Diff; `quant.vq`, configs/dit_vq.py):
                w=M gives M codebooks of 2^8 codewords over groups of 8 inputs (M bits per weight before codebooks)
+  vq_pv        vq + PV-tuning on the distillation loop (codebooks, scales and codes; AQUATIC-Diff's stage 2)
 OMQ alone as PTQ: method=omq with --config.distill.trajectories=0. Embedders and the final layer stay W8A8
 without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 
@@ -38,6 +39,7 @@ METHODS = {
     "trd": dict(omq=False, trd=True, lora=True),
     "mpqdm": dict(omq=True, trd=True, lora=True),
     "vq": dict(omq=False, trd=False, lora=False, vq=True),
+    "vq_pv": dict(omq=False, trd=False, lora=False, vq=True, pv=True),
 }
 
 ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("modiff", False),
@@ -67,16 +69,21 @@ def get_config(arg=None):
                              late_bits=0, late_from=0),  # late_bits: the differences' bits from step late_from
                  weight="vq" if m.get("vq") else "scalar",  # the body's weight part: scalar | vq
                  vq=dict(num_codebooks=arg.w, codebook_bits=8, group_size=8,  # M x 8-bit codebooks, g = 8
+                         layouts="",            # per block layer type, e.g. "adaLN_modulation=1x8g8" (MxBgG)
                          share="type",          # codebooks shared by: none (per layer) | type (across blocks) | all
                          beam_size=1, steps_per_epoch=100, lr=1e-4, max_epochs=100, tolerance=0.01,  # AQLM's fit
                          kmeans_iters=100, kmeans_tol=1e-3, kmeans_points=16384, seed=0,
-                         train=False))          # distillation trains the codebooks and scales
+                         train=bool(m.get("pv")),  # distillation trains the codebooks and scales (P-step)
+                         update_codes=True))    # ... and, when training, re-encodes codes (PV-tuning's V-step)
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.
-  c.distill = dict(trajectories=150 if m["lora"] else 0, images=4, seed=3407, lora_lr_divisor=2500.0,
+  c.distill = dict(trajectories=150 if m["lora"] or m.get("pv") else 0, images=4, seed=3407, lora_lr_divisor=2500.0,
                    w_quant_lr=1e-6, a_quant_lr=5e-4, weight_decay=0.01, trd_weight=100.0 if m["trd"] else 0.0,
-                   trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50)
+                   trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50,
+                   # PV-tuning of VQ weights (method=vq_pv): P-step Adam lr, V-step target lr, fraction of code
+                   # groups re-encoded per step, its L2 beam, selective momentum invalidation none|boundary|code_change
+                   vq_lr=3e-4, code_lr=1e-2, max_code_change=0.01, code_beam=5, semi="none")
   c.sample = sample_config.get_config("quick" if arg.quick else None)
   for k in ("job", "params", "num_devices", "distributed"):
     del c.sample[k]

@@ -12,6 +12,12 @@ x_{t-1} = DDIM(x_t, FP output). Trainable: the leaves the layer specs declare (`
 weight and per-step activation scales/zeros of layers with `train`), each with its group's learning rate; the
 8-bit boundary layers do not train.
 
+Additive-VQ layers that train are PV-tuned (AQLM's PV-Tuning, AQUATIC-Diff's stage 2): the P-step is the Adam
+update of their codebooks and scales (one copy per sharing group, `tied_leaves`); the V-step follows every
+update: each layer's straight-through target T (trained by Adam (0, 0.95) on dL/dŴ) is re-encoded by L2 beam
+search, the `max_code_change` fraction of groups farthest from T taking new codes (`discrete_leaves`, carried in
+the state). `semi` selects a selective momentum invalidation (SEMI).
+
 The loss is a list of terms (`loss_terms`: name, logged weight, gradient weight, fn of the step's forwards),
 and two hooks let a method act on the trained leaves: `post_update(train, opt_state, step) -> (train,
 opt_state)` after every optimiser update, `trajectory_start(train, opt_state, trajectory) -> (train, opt_state)`
@@ -41,6 +47,12 @@ from diffq.models import dit
 from diffq.seam import spec as spec_lib
 
 TRD_GRADS = ("current", "none")
+# SeMI-PV (AQUATIC-Diff; the rule is unpublished, spec §2.3's two readings): 'boundary' zeroes the first moment of
+# the P-step leaves (codebooks, scales) at every trajectory start, where the stream jumps from t -> 0 back to t = T;
+# 'code_change' zeroes both moments of the straight-through target entries of every group whose codes changed.
+SEMI = ("none", "boundary", "code_change")
+PV_KEYS = ("vq_lr", "code_lr", "max_code_change", "code_beam", "semi")  # DistillConfig's PV-tuning settings
+VQ_GROUPS = ("vq", "vq_target")  # learning-rate groups of the VQ parts (their own Adam, no weight decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +68,12 @@ class DistillConfig:
   trd_weight: float = 100.0         # 0 = EfficientDM (no TRD)
   trd_window: int = 2
   trd_grad: str = "current"
+  # PV-tuning of additive-VQ weights (AQLM's recipe unless noted; used only by VQ layers that train):
+  vq_lr: float = 3e-4               # P-step: Adam (0.9, 0.95) on codebooks and scales
+  code_lr: float = 1e-2             # V-step: Adam (0, 0.95) on the straight-through targets
+  max_code_change: float = 0.01     # fraction of code groups re-encoded per step (the farthest from the target)
+  code_beam: int = 5                # L2 beam width of the re-encoding
+  semi: str = "none"                # selective momentum invalidation: none | boundary | code_change
 
   @classmethod
   def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
@@ -69,6 +87,11 @@ class DistillConfig:
   def __post_init__(self):
     if self.trd_grad not in TRD_GRADS:
       raise ValueError(f"Unknown trd_grad {self.trd_grad!r}; choose one of {TRD_GRADS}.")
+    if self.semi not in SEMI:
+      raise ValueError(f"Unknown semi {self.semi!r}; choose one of {SEMI}.")
+    if not 0.0 <= self.max_code_change <= 1.0 or self.code_beam < 1:
+      raise ValueError(f"max_code_change must lie in [0, 1] and code_beam be >= 1; got {self.max_code_change}, "
+                       f"{self.code_beam}.")
     if self.trajectories < 1 or self.images < 1 or self.trd_window < 1:
       raise ValueError(f"trajectories, images and trd_window must be >= 1; got {self}.")
 
@@ -92,30 +115,79 @@ def trainable_groups(quant: dict, table: spec_lib.SpecTable) -> dict:
   return groups
 
 
+def tied_leaves(quant: dict, table: spec_lib.SpecTable) -> dict:
+  """{path tuple: the path tuple it equals} of the shared leaves (VQ codebooks of a sharing group) of trained
+  layers other than each group's first: distillation trains one copy and reads it for all."""
+  ties, first = {}, {}
+  for k in sorted(trainable_groups(quant, table)):
+    path = "/".join(k[:-1])
+    part = spec_lib.resolve(path, table).weight
+    if k[-1] in getattr(part, "shared", ()) and part.share_group(path) is not None:
+      canonical = first.setdefault((part, part.share_group(path), k[-1]), k)
+      if canonical != k:
+        ties[k] = canonical
+  return ties
+
+
+def discrete_leaves(quant: dict, table: spec_lib.SpecTable) -> set:
+  """Path tuples of the integer leaves trained layers update through their weight part (`LayerSpec.discrete`)."""
+  return {k for k in flax.traverse_util.flatten_dict(quant)
+          if k[-1] in spec_lib.resolve("/".join(k[:-1]), table).discrete()}
+
+
 def split_trainable(quant: dict, table: spec_lib.SpecTable) -> tuple[dict, dict]:
-  """(trainable, frozen) flat dicts {path tuple: array} of a `quant` collection (see module docstring)."""
+  """(trainable, frozen) flat dicts {path tuple: array} of a `quant` collection (see module docstring); tied
+  copies and discrete leaves are in neither."""
   flat = flax.traverse_util.flatten_dict(quant)
-  groups = trainable_groups(quant, table)
-  return {k: v for k, v in flat.items() if k in groups}, {k: v for k, v in flat.items() if k not in groups}
+  groups, ties, discrete = trainable_groups(quant, table), tied_leaves(quant, table), discrete_leaves(quant, table)
+  train = {k: v for k, v in flat.items() if k in groups and k not in ties}
+  return train, {k: v for k, v in flat.items() if k not in groups and k not in discrete}
 
 
 def learning_rates(trainable: dict, groups: dict, cfg: DistillConfig) -> dict:
   """Per-leaf learning rates by group: LoRA mean(w_scale of its layer) / divisor, weight quantizer, activation
   quantizer."""
   by_group = {"weight_quant": lambda k: cfg.w_quant_lr, "act_quant": lambda k: cfg.a_quant_lr,
+              "vq": lambda k: cfg.vq_lr, "vq_target": lambda k: cfg.code_lr,
               spec_lib.LORA_GROUP: lambda k: float(jnp.mean(trainable[k[:-1] + ("w_scale",)])) / cfg.lora_lr_divisor}
   return {k: by_group[groups[k]](k) for k in trainable}
 
 
-def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int) -> optax.GradientTransformation:
-  """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`."""
+def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int, groups: dict | None = None
+                   ) -> optax.GradientTransformation:
+  """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`. Leaves
+  of the VQ groups (`groups`: {key: group}) take PV-tuning's Adam instead, without weight decay: (0.9, 0.95) on
+  codebooks and scales, (0, 0.95) on the straight-through targets."""
   def scale_by_leaf_lr():
     return optax.GradientTransformation(lambda _: optax.EmptyState(),
-                                        lambda u, s, p=None: ({k: -lrs[k] * v for k, v in u.items()}, s))
-  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.add_decayed_weights(cfg.weight_decay),
-                     optax.scale_by_schedule(optax.linear_schedule(1.0, 0.0, total_steps)),
-                     scale_by_leaf_lr())
+                                        lambda u, s, p=None: ({k: v if isinstance(v, optax.MaskedNode) else
+                                                               -lrs[k] * v for k, v in u.items()}, s))
+  decay = optax.scale_by_schedule(optax.linear_schedule(1.0, 0.0, total_steps))
+  adamw = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(cfg.weight_decay),
+                      decay, scale_by_leaf_lr())
+  labels = {k: g if g in VQ_GROUPS else "adamw" for k, g in (groups or {}).items()}
+  if not set(labels.values()) & set(VQ_GROUPS):
+    return adamw
+  pv = lambda b1: optax.chain(optax.scale_by_adam(b1=b1, b2=0.95, eps=1e-8), decay, scale_by_leaf_lr())
+  return optax.multi_transform({"adamw": adamw, "vq": pv(0.9), "vq_target": pv(0.0)}, labels)
+
+
+def zero_moments(opt_state, keys, moments=("mu",), mask=None):
+  """`opt_state` with the Adam `moments` of the leaves `keys` zeroed (where `mask[k]` is true, if given), in
+  whatever optax chain or multi_transform holds them."""
+  def walk(s):
+    if isinstance(s, optax.ScaleByAdamState):
+      fix = lambda tree: {k: (jnp.where(mask[k], 0.0, v) if mask else jnp.zeros_like(v))
+                          if k in keys and hasattr(v, "shape") else v for k, v in tree.items()}
+      return s._replace(**{m: fix(getattr(s, m)) for m in moments})
+    if isinstance(s, tuple) and hasattr(s, "_fields"):
+      return type(s)(*(walk(x) for x in s))
+    if isinstance(s, tuple):
+      return tuple(walk(x) for x in s)
+    if isinstance(s, dict):
+      return {k: walk(v) for k, v in s.items()}
+    return s
+  return walk(opt_state)
 
 
 def _keyed(flat: dict) -> dict:
@@ -205,19 +277,58 @@ class Distiller:
     train, frozen = split_trainable(quant, self.table)
     if not train:
       raise ValueError("Distillation has nothing to train: no layer spec declares trainable leaves (the quantize "
-                       "job trains layers that carry LoRA); set quant.lora_rank > 0.")
-    self._lrs = _keyed(learning_rates(train, trainable_groups(quant, self.table), self.cfg))
+                       "job trains layers that carry LoRA or, with VQ weights, quant.vq.train); set "
+                       "quant.lora_rank > 0.")
+    groups = trainable_groups(quant, self.table)
+    self._lrs = _keyed(learning_rates(train, groups, self.cfg))
+    self._groups = _keyed({k: g for k, g in groups.items() if k in train})
+    self._ties = _keyed({k: "/".join(v) for k, v in tied_leaves(quant, self.table).items()})
+    flat = flax.traverse_util.flatten_dict(quant)
+    discrete = _keyed({k: flat[k] for k in discrete_leaves(quant, self.table)})
     train = _keyed(train)
     rows = self.cfg.images * (2 if self.cfg_scale != 1.0 else 1)
     feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
-    state = dict(step=jnp.zeros((), jnp.int32), quant=train, opt_state=self.optimizer().init(train),
+    state = dict(step=jnp.zeros((), jnp.int32), quant=train, discrete=discrete, opt_state=self.optimizer().init(train),
                  x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat),
                  model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table),
                                             dit.variable_shapes(self.model_cfg, self.table), rows))
     return state, _keyed(frozen)
 
   def optimizer(self) -> optax.GradientTransformation:
-    return make_optimizer(self._lrs, self.cfg, self.num_steps)
+    return make_optimizer(self._lrs, self.cfg, self.num_steps, self._groups)
+
+  def _quant(self, frozen, train, discrete) -> dict:
+    """The model's `quant` collection from the loop's flat parts (tied copies read from their canonical leaf)."""
+    flat = {**frozen, **train, **discrete, **{k: train[c] for k, c in self._ties.items()}}
+    return flax.traverse_util.unflatten_dict(_unkeyed(flat))
+
+  def _update_codes(self, train, discrete, frozen, step):
+    """PV-tuning's V-step on every layer with discrete leaves: {key: new value} and {layer: changed groups mask
+    (out, G)}."""
+    quant = self._quant(frozen, train, discrete)
+    new, changed = {}, {}
+    for i, layer in enumerate(sorted({k.rsplit("/", 1)[0] for k in discrete})):
+      q = quant
+      for part in layer.split("/"):
+        q = q[part]
+      part = spec_lib.resolve(layer, self.table).weight
+      got = part.update_discrete(q, jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed), step), i),
+                                 self.cfg)
+      for name, v in got.items():
+        new[f"{layer}/{name}"] = v
+      changed[layer] = jnp.any(got["vq_codes"] != q["vq_codes"], axis=-1)
+    return new, changed
+
+  def _semi_boundary(self, opt_state):
+    return zero_moments(opt_state, {k for k, g in self._groups.items() if g == "vq"})
+
+  def _semi_code_change(self, opt_state, train, changed):
+    """Zero both moments of the straight-through target entries (in, out) of the groups whose codes changed."""
+    masks = {}
+    for layer, groups in changed.items():  # groups (out, G) -> (in, out)
+      g = train[f"{layer}/vq_target"].shape[0] // groups.shape[1]
+      masks[f"{layer}/vq_target"] = jnp.repeat(groups.T, g, axis=0)
+    return zero_moments(opt_state, set(masks), ("mu", "nu"), masks)
 
   def trajectory_inputs(self, trajectory: int) -> tuple[np.ndarray, np.ndarray]:
     """(x_T (B, H, W, C), labels (B,)) of trajectory `trajectory`: stateless in (seed, trajectory)."""
@@ -246,10 +357,12 @@ class Distiller:
     cfg, s_len = self.cfg, len(self.plan.steps)
     i = state["step"] % s_len
     first = i == 0
-    train, opt_state = state["quant"], state["opt_state"]
+    train, opt_state, discrete = state["quant"], state["opt_state"], state["discrete"]
     if self.trajectory_start is not None:
       train, opt_state = jax.lax.cond(first, self.trajectory_start, _no_hook, train, opt_state,
                                       state["step"] // s_len)
+    if cfg.semi == "boundary":
+      opt_state = jax.lax.cond(first, self._semi_boundary, lambda o: o, opt_state)
     x = jnp.where(first, x_T, state["x"])
     acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
     t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
@@ -262,7 +375,7 @@ class Distiller:
     # trd_grad="none" differentiates the very loss of a run without TRD (gradient weight 0), so it trains exactly
     # like one; the logged loss still carries the (detached) TRD term, as the released code reports it.
     def loss_fn(train):
-      quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
+      quant = self._quant(frozen, train, discrete)
       out_q, f_q, next_state = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i,
                                              model_state)
       fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
@@ -273,22 +386,29 @@ class Distiller:
     grads, (values, fw, next_state) = jax.grad(loss_fn, has_aux=True)(train)
     updates, opt_state = self.optimizer().update(grads, opt_state, train)
     train = optax.apply_updates(train, updates)
+    if discrete:
+      new_codes, changed = self._update_codes(train, discrete, frozen, state["step"])
+      discrete = {**discrete, **new_codes}
+      if cfg.semi == "code_change":
+        opt_state = self._semi_code_change(opt_state, train, changed)
     if self.post_update is not None:
       train, opt_state = self.post_update(train, opt_state, state["step"])
     steps = jnp.asarray(self.plan.steps, jnp.int32)
     x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_fp, x, steps[i], jnp.zeros_like(x),
                                   self.clip_x0)
     keep = 1.0 - window_end
-    new = dict(step=state["step"] + 1, quant=train, opt_state=opt_state,
+    new = dict(step=state["step"] + 1, quant=train, discrete=discrete, opt_state=opt_state,
                x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q),
                model_state=jax.lax.stop_gradient(next_state))
     metrics = dict(loss=combine(self.terms, values, fw, grad=False),
                    **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads))
+    if discrete:
+      metrics["code_change"] = sum(jnp.sum(c) for c in changed.values()) / sum(c.size for c in changed.values())
     return new, metrics
 
   def merged_quant(self, state, frozen) -> dict:
-    """The full `quant` collection (trained + frozen variables)."""
-    return flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **state["quant"]}))
+    """The full `quant` collection (trained, tied, discrete and frozen variables)."""
+    return self._quant(frozen, state["quant"], state["discrete"])
 
   def jit_step(self, mesh, state):
     """Jitted `step`: state, frozen vars and params replicated, trajectory inputs split over 'data'."""

@@ -174,3 +174,17 @@ def test_a_damaged_calibration_names_the_files_to_delete(tiny_export, tmp_path):
     os.remove(tmp_path / name)
   with pytest.raises(ValueError, match=r"calibration in .*calibrated_quant.npz cannot be read .*Delete it"):
     quantize.run(job_cfg(tiny_export, method="uniform", trajectories=0), str(tmp_path))
+
+
+def test_vq_layouts_give_layer_types_their_own_codebooks():
+  from configs import dit_vq
+  from diffq.seam import rules, spec as spec_lib
+  c = dit_vq.get_config("w=2")
+  c.quant.vq.layouts = "adaLN_modulation=1x8g8,mlp/fc2=3x6g4"
+  table = rules.quant_table(c.quant, 20)
+  got = {p: (s.weight.num_codebooks, s.weight.codebook_bits, s.weight.group_size) for p, s in
+         ((p, spec_lib.resolve(p, table)) for p in ("blocks_3/adaLN_modulation", "blocks_0/mlp/fc2", "blocks_1/attn/qkv"))}
+  assert got == {"blocks_3/adaLN_modulation": (1, 8, 8), "blocks_0/mlp/fc2": (3, 6, 4), "blocks_1/attn/qkv": (2, 8, 8)}
+  c.quant.vq.layouts = "mlp/fc2=3x8"
+  with pytest.raises(ValueError, match="Bad VQ layout 'mlp/fc2=3x8'"):
+    rules.quant_table(c.quant, 20)

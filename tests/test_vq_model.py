@@ -19,11 +19,11 @@ from test_calibrate import tiny_setup
 FIT = vq.FitSettings(steps_per_epoch=10, max_epochs=3, kmeans_iters=10)
 
 
-def vq_table(share="type", a_bits=8, **kw):
+def vq_table(share="type", a_bits=8, train=False, **kw):
   qcfg = ml_collections.ConfigDict(dict(
       weight="vq", w_bits=2, a_bits=a_bits, w_symmetric=False, w_group_size=0, grad="ste", keep_8bit="x_embedder,t_embedder/*,final_layer/*",
       smooth=False, omq=False, lora_rank=0, act="static",
-      vq=dict(num_codebooks=2, codebook_bits=4, group_size=8, share=share, train=False, **kw)))
+      vq=dict(num_codebooks=2, codebook_bits=4, group_size=8, share=share, train=train, **kw)))
   return rules.quant_table(qcfg, 4)
 
 
@@ -113,3 +113,70 @@ def test_bad_vq_settings_are_refused():
     weights.VQ(share="blocks")
   with pytest.raises(ValueError, match="no float kernel for LoRA"):
     rules.quant_table(ml_collections.ConfigDict(dict(weight="vq", omq=False, w_group_size=0, lora_rank=4)), 4)
+
+
+@pytest.fixture(scope="module")
+def pv_setup():
+  cfg, params, cal = tiny_setup(num_images=4)
+  pv = spec_lib.LayerSpec(weight=weights.VQ(2, 4, 8, "type", update_codes=True), train=True)
+  table = (("blocks_*/attn/qkv", pv), ("blocks_*/mlp/fc2", pv))  # float elsewhere: a small step to compile
+  quant, _ = calibrate.calibrate(cfg, {"params": params}, cal, table, vq_settings=FIT)
+  return cfg, params, cal.plan, table, quant
+
+
+def pv_run(pv_setup, steps, mesh, **kw):
+  from diffq import distill
+  cfg, params, plan, table, quant = pv_setup
+  d = distill.Distiller(cfg, plan, table, distill.DistillConfig(trajectories=2, images=8, trd_weight=0.0, **kw),
+                        cfg_scale=1.5)
+  state, frozen = d.init_state(quant)
+  fn = d.jit_step(mesh, state)
+  state, frozen, p = jax.device_put((state, frozen, params), parallel.replicated(mesh))
+  metrics = []
+  for _ in range(steps):
+    x_T, y = d.trajectory_inputs(int(state["step"]) // len(plan.steps))
+    state, m = fn(state, frozen, p, *parallel.shard_batch((x_T, y), mesh))
+    metrics.append(jax.device_get(m))
+  return d, jax.device_get(state), jax.device_get(frozen), metrics
+
+
+def test_pv_tuning_moves_codebooks_tied_and_caps_code_changes(pv_setup):
+  _, _, _, table, quant = pv_setup
+  d, state, frozen, metrics = pv_run(pv_setup, 3, parallel.make_mesh(1), max_code_change=0.05, vq_lr=1e-2,
+                                     code_lr=1.0)
+  out = d.merged_quant(state, frozen)
+  for layer in ("attn/qkv", "mlp/fc2"):
+    a, b = (out[f"blocks_{i}"][layer.split("/")[0]][layer.split("/")[1]] for i in (0, 1))
+    q0 = quant["blocks_0"][layer.split("/")[0]][layer.split("/")[1]]
+    np.testing.assert_array_equal(a["vq_codebooks"], b["vq_codebooks"])  # one trained copy per sharing group
+    assert not np.array_equal(a["vq_codebooks"], q0["vq_codebooks"])
+    changed = np.any(np.asarray(a["vq_codes"]) != np.asarray(q0["vq_codes"]), axis=-1)
+    assert 0 < changed.sum() <= 3 * np.ceil(0.05 * changed.size)  # at most the cap, each of 3 steps
+  cap = (2 * np.ceil(0.05 * 96 * 4) + 2 * np.ceil(0.05 * 32 * 16)) / (2 * 96 * 4 + 2 * 32 * 16)  # qkv, fc2 groups
+  assert all(m["code_change"] <= cap + 1e-6 for m in metrics) and metrics[-1]["code_change"] > 0
+  assert "blocks_1/attn/qkv/vq_codebooks" not in state["quant"] and "blocks_0/attn/qkv/vq_codebooks" in state["quant"]
+
+
+def test_pv_tuning_on_8_devices_equals_1_device(pv_setup):
+  one = pv_run(pv_setup, 2, parallel.make_mesh(1), semi="code_change")
+  eight = pv_run(pv_setup, 2, parallel.make_mesh(8), semi="code_change")
+  np.testing.assert_array_equal(one[1]["discrete"]["blocks_0/mlp/fc2/vq_codes"],
+                                eight[1]["discrete"]["blocks_0/mlp/fc2/vq_codes"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), one[1]["quant"], eight[1]["quant"])
+
+
+def test_momentum_invalidation_zeroes_the_chosen_moments():
+  import optax
+  from diffq import distill
+  params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+  opt = distill.make_optimizer({"a": 0.1, "b": 0.1}, distill.DistillConfig(), 10, {"a": "vq", "b": "vq_target"})
+  st = opt.init(params)
+  _, st = opt.update({"a": jnp.ones(3), "b": jnp.ones((2, 2))}, st, params)
+  adam = lambda s: [x for x in jax.tree.leaves(s, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                    if isinstance(x, optax.ScaleByAdamState)]
+  cut = distill.zero_moments(st, {"a"})
+  assert np.all(adam(cut)[0].mu["a"] == 0) and np.all(adam(cut)[0].nu["a"] > 0)
+  mask = {"b": jnp.array([[True, False], [False, False]])}
+  cut = distill.zero_moments(st, {"b"}, ("mu", "nu"), mask)
+  nu_b = np.asarray(adam(cut)[1].nu["b"])
+  assert nu_b[0, 0] == 0 and np.all(nu_b.reshape(-1)[1:] > 0)

@@ -212,8 +212,10 @@ def run(config, workdir: str) -> dict:
       calib=without(config.calib.to_dict(), omq_keys),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
                    clip_x0=s.clip_x0))
+  pv_keys = () if config.quant.weight == "vq" else distill.PV_KEYS  # wave-1 records have none
   distill_settings = dict(calib_settings, grad=config.quant.grad,
-                          distill={k: v for k, v in config.distill.to_dict().items() if k not in loop.LOOP_KEYS})
+                          distill={k: v for k, v in config.distill.to_dict().items()
+                                   if k not in loop.LOOP_KEYS + pv_keys})
   export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
   check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
                                     distillation=distill_settings if distiller is not None else None))

@@ -4,12 +4,14 @@
 and per-step inputs, no smoothing/rotation/OMQ/LoRA, frozen (the boundary rule); every other seam Linear gets
 W`w_bits`A`a_bits` with the configured options (`quant.act` its input part, `quant.rotate` the Hadamard rotation
 of its input), and trains in distillation when it carries LoRA; `quant.weight='vq'` makes the body's weights
-additive VQ (`quant.vq`), trained in distillation (codebooks and scales) when `quant.vq.train`.
+additive VQ (`quant.vq`; `quant.vq.layouts` sets some block layer types' own layout), trained in distillation
+(codebooks and scales) when `quant.vq.train`.
 `icc_rules(ranks, svd, state_dtype, mlp)`: the ICC cache part on the block linears, one rank per layer type.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from diffq.quant import vq
 from diffq.seam import caches, inputs, spec as spec_lib, weights
@@ -54,8 +56,32 @@ WEIGHTS = ("scalar", "vq")  # quant.weight: the body layers' weight part
 
 
 def vq_part(vcfg) -> weights.VQ:
-  """The additive-VQ weight part of a `quant.vq` block (num_codebooks, codebook_bits, group_size, share)."""
-  return weights.VQ(vcfg.num_codebooks, vcfg.codebook_bits, vcfg.group_size, vcfg.share)
+  """The additive-VQ weight part of a `quant.vq` block (num_codebooks, codebook_bits, group_size, share; codes
+  update in distillation when both `train` and `update_codes`)."""
+  return weights.VQ(vcfg.num_codebooks, vcfg.codebook_bits, vcfg.group_size, vcfg.share,
+                    bool(vcfg.get("train", False) and vcfg.get("update_codes", False)))
+
+
+def parse_layouts(text: str) -> dict[str, tuple[int, int, int]]:
+  """'adaLN_modulation=1x8g8,mlp/fc1=3x8g8' -> {block layer type: (codebooks, codebook bits, group size)}
+  (AQLM's MxB gG notation)."""
+  out = {}
+  for item in filter(None, text.split(",")):
+    name, _, layout = item.partition("=")
+    m = re.fullmatch(r"(\d+)x(\d+)g(\d+)", layout)
+    if not name or m is None:
+      raise ValueError(f"Bad VQ layout {item!r} in quant.vq.layouts; write <layer type>=<M>x<B>g<G>, e.g. "
+                       "'adaLN_modulation=1x8g8,mlp/fc1=3x8g8' (M codebooks of 2^B codewords, groups of G inputs).")
+    out[name] = tuple(int(v) for v in m.groups())
+  return out
+
+
+def vq_layout_rules(vcfg, body: spec_lib.LayerSpec) -> tuple:
+  """(('blocks_*/<type>', body with that type's VQ layout), ...) of `quant.vq.layouts` (LAQ: per layer type
+  codebooks, bits and group size; the other body layers keep the default layout)."""
+  return tuple((f"blocks_*/{name}", body.replace(weight=dataclasses.replace(body.weight, num_codebooks=m,
+                                                                             codebook_bits=b, group_size=g)))
+               for name, (m, b, g) in parse_layouts(vcfg.get("layouts", "")).items())
 
 
 def vq_fit_settings(vcfg) -> vq.FitSettings:
@@ -82,10 +108,12 @@ def quant_table(qcfg, num_steps: int) -> tuple[tuple[str, spec_lib.LayerSpec], .
   body = scalar_spec(qcfg.w_bits, qcfg.a_bits, num_steps, symmetric=qcfg.w_symmetric, group_size=qcfg.w_group_size,
                      mixed=qcfg.omq, smooth=qcfg.smooth, rotate=qcfg.get("rotate", False), lora_rank=qcfg.lora_rank,
                      grad=qcfg.grad, act=act)
+  layouts = ()
   if kind == "vq":
     body = body.replace(weight=vq_part(qcfg.vq), train=qcfg.vq.train)
+    layouts = vq_layout_rules(qcfg.vq, body)
   patterns = [p for p in qcfg.keep_8bit.split(",") if p]
-  return tuple((p, boundary) for p in patterns) + (("*", body),)
+  return tuple((p, boundary) for p in patterns) + layouts + (("*", body),)
 
 
 MLP_MODES = ("layers", "chain")  # icc.mlp: fc1 and fc2 cached apart (the paper) | one increment through GELU

@@ -72,6 +72,10 @@ class LayerSpec:
       out.update(lora_a=LORA_GROUP, lora_b=LORA_GROUP)
     return out
 
+  def discrete(self) -> tuple[str, ...]:
+    """Integer leaves distillation updates through the weight part's `update_discrete` (() unless `train`)."""
+    return tuple(getattr(self.weight, "discrete", ())) if self.train else ()
+
   def part_stats(self, part: str) -> tuple[str, ...]:
     """The calibration statistics stage `part` ('smooth', 'rotate', 'weight', 'input' or 'cache') reads
     (diffq/calibrate.py's statistics pass)."""

@@ -182,12 +182,24 @@ class VQ:
   trajectory (`vq.quantize_weights`, settings from the job option `vq`: a vq.FitSettings)."""
   type: ClassVar[str] = "vq"
   needs_kernel: ClassVar[bool] = False
-  trainable: ClassVar[dict] = {"vq_codebooks": "vq", "vq_scales": "vq"}
   stats: ClassVar[tuple] = ("in_xtx",)
+  shared: ClassVar[tuple] = ("vq_codebooks",)  # one value per sharing group (distillation ties them)
   num_codebooks: int = 2
   codebook_bits: int = 8
   group_size: int = 8
   share: str = "none"  # none: private codebooks | type: one set per layer type across blocks | all: one set
+  update_codes: bool = False  # PV-tuning's discrete step: a straight-through target vq_target (in, out) is
+  # trained and the codes re-encoded towards it (`update_discrete`)
+
+  @property
+  def trainable(self) -> dict:
+    """Codebooks and scales (the continuous P-step); the straight-through target when codes update."""
+    return {"vq_codebooks": "vq", "vq_scales": "vq", **({"vq_target": "vq_target"} if self.update_codes else {})}
+
+  @property
+  def discrete(self) -> tuple:
+    """Integer leaves distillation updates by `update_discrete` (not by gradients)."""
+    return ("vq_codes",) if self.update_codes else ()
 
   def __post_init__(self):
     vq.check_shape(self.group_size, self.num_codebooks, self.codebook_bits, self.group_size)
@@ -203,11 +215,25 @@ class VQ:
   def variables(self, n_in: int, n_out: int) -> dict[str, Variable]:
     vq.check_shape(n_in, self.num_codebooks, self.codebook_bits, self.group_size)
     m, g = self.num_codebooks, self.group_size
-    return {"vq_codes": Variable((n_out, n_in // g, m), jnp.int32),
-            "vq_codebooks": Variable((m, 2 ** self.codebook_bits, g)), "vq_scales": Variable((n_out,), fill=1.0)}
+    v = {"vq_codes": Variable((n_out, n_in // g, m), jnp.int32),
+         "vq_codebooks": Variable((m, 2 ** self.codebook_bits, g)), "vq_scales": Variable((n_out,), fill=1.0)}
+    if self.update_codes:
+      v["vq_target"] = Variable((n_in, n_out))
+    return v
 
   def matrix(self, q: dict, w_eff):
-    return vq.dequantize(vq.VQWeight(q["vq_codes"], q["vq_codebooks"], q["vq_scales"]))
+    """Ŵ; with `update_codes` Ŵ + (T - sg(T)): the same value, and the target T gets dL/dŴ (straight through)."""
+    w = vq.dequantize(vq.VQWeight(q["vq_codes"], q["vq_codebooks"], q["vq_scales"]))
+    if self.update_codes:
+      w = w + (q["vq_target"] - jax.lax.stop_gradient(q["vq_target"]))
+    return w
+
+  def update_discrete(self, q: dict, key, options) -> dict:
+    """PV-tuning's V-step: codes re-encoded towards the target by L2 beam search (`options`: code_beam, the
+    fraction `max_code_change` of groups allowed to change)."""
+    order = jax.random.permutation(key, self.num_codebooks).astype(jnp.int32)
+    return {"vq_codes": vq.l2_beam_search(q["vq_target"].T, q["vq_codebooks"], q["vq_codes"], q["vq_scales"],
+                                          order, options.max_code_change, beam_size=options.code_beam)}
 
   def calibrate_shared(self, layers) -> list[dict]:
     """The VQ variables of `layers` (LayerData of the layers sharing this part's codebooks, or one layer)."""
@@ -217,13 +243,14 @@ class VQ:
     for l, start, end in zip(layers, info["start_errors"], info["errors"]):
       l.report.update(vq_loss=end, vq_start_loss=start, vq_epochs=info["epochs"],
                       vq_seconds=info["seconds"] / len(layers), vq_shared_by=len(layers))
-    return [dict(vq_codes=w.codes, vq_codebooks=w.codebooks, vq_scales=w.scales) for w in fitted]
+    target = lambda w: {"vq_target": vq.dequantize(w)} if self.update_codes else {}  # the STE buffer starts at Ŵ
+    return [dict(vq_codes=w.codes, vq_codebooks=w.codebooks, vq_scales=w.scales, **target(w)) for w in fitted]
 
   def calibrate(self, layer) -> dict:
     return self.calibrate_shared([layer])[0]
 
   def deployed(self):
-    return self
+    return dataclasses.replace(self, update_codes=False)
 
   def stored_bits(self, q: dict, n_in: int, n_out: int) -> int:
     """Codes and scales (the codebooks are counted once per sharing group by the export)."""
