@@ -21,6 +21,10 @@ RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method=
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
 RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
+RUNS += [dict(name="w2a8_vq_pv", config="configs/dit_vq.py:w=2,a=8,pv", overrides=PROTOCOL,
+              labels={"setting": "W2A8", "method": "vq_pv"}),
+         dict(name="w2a8_vq_beam4", config="configs/dit_vq.py:w=2,a=8", overrides={**PROTOCOL, "quant.vq.beam_size": 4},
+              labels={"setting": "W2A8", "method": "vq_beam4"})]
 RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
               overrides={**PROTOCOL, "quant.vq.share": share}, labels={"setting": "W2A8", "method": f"vq_{share}"})
          for share in ("none", "all")]
