@@ -72,7 +72,7 @@ def get_config(arg=None):
                          layouts="",            # per block layer type, e.g. "adaLN_modulation=1x8g8" (MxBgG)
                          share="type",          # codebooks shared by: none (per layer) | type (across blocks) | all
                          beam_size=1, steps_per_epoch=100, lr=1e-4, max_epochs=100, tolerance=0.01,  # AQLM's fit
-                         kmeans_iters=100, kmeans_tol=1e-3, kmeans_points=16384, seed=0,
+                         kmeans_iters=100, kmeans_tol=0.0, kmeans_points=0, seed=0,
                          train=bool(m.get("pv")),  # distillation trains the codebooks and scales (P-step)
                          update_codes=True))    # ... and, when training, re-encodes codes (PV-tuning's V-step)
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).

@@ -156,3 +156,24 @@ def test_l2_beam_search_equals_brute_force_and_caps_the_changed_groups():
   far = np.argsort(-dist.reshape(-1))[:3]  # only the farthest groups may change, to their optimum
   np.testing.assert_array_equal(capped.reshape(10, 2)[far], got.reshape(10, 2)[far])
   np.testing.assert_array_equal(np.delete(capped.reshape(10, 2), far, 0), np.delete(codes.reshape(10, 2), far, 0))
+
+
+def test_greedy_allocation_meets_the_budget_and_matches_brute_force_on_convex_options():
+  from diffq.quant import allocate
+  rng = np.random.default_rng(10)
+  options = {}
+  for t in "abcd":  # convex error-vs-bits curves (each extra codebook helps less)
+    n = int(rng.integers(1, 5)) * 1000
+    errs = np.cumsum(-np.sort(rng.uniform(0.1, 1.0, 4))[::-1]) + 5.0
+    options[t] = [(f"{m}x8g8", m * n, float(e)) for m, e in zip(range(1, 5), errs)]
+  budget = 0.6 * sum(o[-1][1] for o in options.values())
+  got = allocate.greedy_allocation(options, budget)
+  pick = {t: next(o for o in options[t] if o[0] == got[t]) for t in options}
+  assert sum(p[1] for p in pick.values()) <= budget
+  best = min(itertools.product(*options.values()), key=lambda c: sum(o[2] for o in c) if sum(o[1] for o in c)
+             <= budget else np.inf)
+  # greedy on convex curves is within one upgrade of the optimum: never worse than the optimum by more than the
+  # largest single step's error drop
+  assert sum(p[2] for p in pick.values()) <= sum(o[2] for o in best) + 1.0
+  with pytest.raises(ValueError, match="over the budget"):
+    allocate.greedy_allocation(options, 10)

@@ -49,15 +49,15 @@ class FitSettings:
   max_epochs: int = 100
   tolerance: float = 0.01
   kmeans_iters: int = 100
-  kmeans_tol: float = 1e-3  # k-means stops once at most this fraction of assignments changes
-  kmeans_points: int = 16384  # k-means fits on at most this many groups (64 per 8-bit codeword)
+  kmeans_tol: float = 0.0  # k-means stops once at most this fraction of assignments changes
+  kmeans_points: int = 0  # k-means fits on at most this many random groups (0: all, as AQLM)
   seed: int = 0
 
   def __post_init__(self):
     if self.beam_size < 1 or self.steps_per_epoch < 0 or self.max_epochs < 1 or self.kmeans_iters < 0 \
-        or self.kmeans_points < 1:
+        or self.kmeans_points < 0:
       raise ValueError(f"VQ fitting needs beam_size >= 1, steps_per_epoch >= 0, max_epochs >= 1, kmeans_iters >= 0 "
-                       f"and kmeans_points >= 1; got {self}.")
+                       f"and kmeans_points >= 0; got {self}.")
     if not 0.0 <= self.tolerance < 1.0 or self.lr <= 0:
       raise ValueError(f"VQ fitting needs 0 <= tolerance < 1 and lr > 0; got {self}.")
 
@@ -160,9 +160,10 @@ def kmeans(points, key, *, k: int, iters: int, tol: float = 0.0):
 def residual_kmeans(groups, key, *, num_codebooks: int, codebook_bits: int, iters: int, tol: float,
                     max_points: int):
   """(codebooks (M, K, g), codes (n, M)) of group vectors (n, g): codebook m is k-means of what the first m
-  left over (fitted on at most `max_points` random groups, then every group assigned its nearest codeword)."""
+  left over (fitted on at most `max_points` random groups, 0: all; then every group assigned its nearest
+  codeword)."""
   books, codes, residual = [], [], groups
-  fit = jax.random.permutation(jax.random.fold_in(key, num_codebooks), groups.shape[0])[:max_points]
+  fit = jax.random.permutation(jax.random.fold_in(key, num_codebooks), groups.shape[0])[:max_points or None]
   for m in range(num_codebooks):
     c, _ = kmeans(residual[fit], jax.random.fold_in(key, m), k=2 ** codebook_bits, iters=iters, tol=tol)
     a = _nearest(residual, c)
@@ -342,7 +343,7 @@ def quantize_weights(kernels: Sequence, hs: Sequence, *, num_codebooks: int, cod
 
 def quantize_weight(kernel, h, *, num_codebooks: int, codebook_bits: int, group_size: int, beam_size: int = 1,
                     steps_per_epoch: int = 100, lr: float = 1e-4, max_epochs: int = 100, tolerance: float = 0.01,
-                    kmeans_iters: int = 100, kmeans_tol: float = 1e-3, kmeans_points: int = 16384,
+                    kmeans_iters: int = 100, kmeans_tol: float = 0.0, kmeans_points: int = 0,
                     seed: int = 0) -> tuple[VQWeight, dict]:
   """(VQ weight, info) of one kernel (in, out) from its H = XᵀX (in, in); see `quantize_weights`."""
   settings = FitSettings(beam_size, steps_per_epoch, lr, max_epochs, tolerance, kmeans_iters, kmeans_tol,
