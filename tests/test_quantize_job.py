@@ -188,3 +188,26 @@ def test_vq_layouts_give_layer_types_their_own_codebooks():
   c.quant.vq.layouts = "mlp/fc2=3x8"
   with pytest.raises(ValueError, match="Bad VQ layout 'mlp/fc2=3x8'"):
     rules.quant_table(c.quant, 20)
+
+
+def test_vq_pv_job_runs_end_to_end_and_samples_its_export(tiny_export, tmp_path):
+  """configs/dit_vq.py:pv on a tiny DiT: VQ calibration -> PV-tuning -> export -> re-import -> sample; the stages
+  are reused on a re-run and the samples are the re-imported export's."""
+  from configs import dit_vq
+  c = dit_vq.get_config("quick,pv,w=2,a=8")
+  c.params, c.num_devices = tiny_export, 1
+  c.quant.vq.update(codebook_bits=4, max_epochs=2, steps_per_epoch=5, kmeans_iters=5)
+  c.sample.update(num_samples=10, batch_size=10, spacing="ddim4", evaluate=False)
+  c.distill.update(trajectories=1, checkpoint_every=1, log_every=1)
+  out = quantize.run(c, str(tmp_path))
+  assert out["vq_seconds"] > 0 and 0 < out["vq_mean_error"] < 1 and np.isfinite(out["train_loss"])
+  assert out["bits_per_weight_total"] > out["bits_per_weight"] > 2  # the W8 boundary adds its float scales
+  _, variables, table = quantized.import_quantized(str(tmp_path / "quantized.npz"))
+  assert "vq_target" not in variables["quant"]["blocks_0"]["mlp"]["fc1"]  # the deployed form drops the STE target
+  with np.load(tmp_path / "samples.npz") as f:
+    shipped = f["arr_0"]
+  again, _ = sample.generate(c.sample, plan_lib.make_plan(c.sample.diffusion_steps, c.sample.spacing),
+                             quantized.import_quantized(str(tmp_path / "quantized.npz"))[0], variables,
+                             parallel.make_mesh(1), table)
+  np.testing.assert_array_equal(again, shipped)
+  assert quantize.run(c, str(tmp_path))["train_loss"] == out["train_loss"]  # stages reused
