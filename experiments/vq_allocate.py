@@ -87,7 +87,7 @@ def main() -> None:
   n_body = sum(r[2] for r in rows if r[1] == rows[0][1])
   chosen = allocate.greedy_allocation(options, args.budget * n_body)
   override = ",".join(f"{t}={chosen[t]}" for t in TYPES)
-  cmd = "python experiments/vq_allocate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  cmd = " ".join(["python experiments/vq_allocate.py", *map(shlex.quote, sys.argv[1:])])
   lines = ["# VQ bit allocation across layer types (LAQ)", "", f"Command: `{cmd}`. Error: the model's relative eps "
            "error on the calibration trajectory with only that type VQ-quantized (codebooks shared across blocks).",
            "", "| type | layout | weights | stored bits/weight | layer error (H) | eps error | fit s |",

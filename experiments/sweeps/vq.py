@@ -11,6 +11,8 @@ PIVOTS = [dict(rows="method", cols="setting", value="fid"), dict(rows="method", 
           dict(rows="method", cols="setting", value="bits_per_weight_total")]
 LINES = [dict(x="bits_per_weight_total", y="fid", group="method", reference="fp", log_y=True)]
 PROTOCOL = {"sample.num_samples": 5000, "sample.seed": 0}
+# experiments/vq_allocate.py's greedy allocation at 2.0 average code bits (experiments/results/vq_allocation.md)
+LAQ_W2 = "adaLN_modulation=1x8g8,attn/qkv=2x8g8,attn/proj=3x8g8,mlp/fc1=3x8g8,mlp/fc2=2x8g8"
 GRID = {(4, 8)}  # scalar settings experiments/sweeps/quant_grid.py ran: reuse its runs
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
@@ -23,6 +25,8 @@ RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", override
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
 RUNS += [dict(name="w2a8_vq_pv", config="configs/dit_vq.py:w=2,a=8,pv", overrides=PROTOCOL,
               labels={"setting": "W2A8", "method": "vq_pv"}),
+         dict(name="w2a8_vq_laq", config="configs/dit_vq.py:w=2,a=8", overrides={**PROTOCOL, "quant.vq.layouts": LAQ_W2},
+              labels={"setting": "W2A8", "method": "vq_laq"}),
          dict(name="w2a8_vq_beam4", config="configs/dit_vq.py:w=2,a=8", overrides={**PROTOCOL, "quant.vq.beam_size": 4},
               labels={"setting": "W2A8", "method": "vq_beam4"})]
 RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
