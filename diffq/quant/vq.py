@@ -221,18 +221,23 @@ def beam_search(h, w_rows, codebooks, codes, scales, order, *, beam_size: int):
   return jnp.where(better[:, None, None], new, codes)
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size",))
-def l2_beam_search(target_rows, codebooks, codes, scales, order, max_update_fraction, *, beam_size: int):
+@functools.partial(jax.jit, static_argnames=("max_update_fraction", "beam_size"))
+def l2_beam_search(target_rows, codebooks, codes, scales, order, max_update_fraction: float, *, beam_size: int):
   """PV-tuning's discrete step: new codes (out, G, M) whose decoded weight is closest in L2 to `target_rows`
   (out, in), codebooks in the order `order` (M,), each group keeping its `beam_size` best partial code sets;
-  only the ceil(fraction x out G) groups farthest from their target change (AQLM's max_update_fraction).
-  Per group with residual r = target / s - Σ_m C_m[B_m] + C_m[B_m] (codeword m taken out), candidate k scores
-  ||r - C_m[k]||²."""
+  only the ceil(fraction x out G) groups farthest from their target are searched and may change (AQLM's
+  max_update_fraction). Per group with residual r = target / s - Σ_m C_m[B_m] + C_m[B_m] (codeword m taken
+  out), candidate k scores ||r - C_m[k]||²."""
   cb, s = as_stored(codebooks), as_stored(scales)
   n_out, n_g, n_m = codes.shape
   g = cb.shape[-1]
   ref = (target_rows / s[:, None]).reshape(-1, g)
   flat = codes.reshape(-1, n_m)
+  dist = jnp.sum((ref - jnp.sum(cb[jnp.arange(n_m), flat], axis=1)) ** 2, -1)
+  k = min(int(np.ceil(max_update_fraction * dist.shape[0])), dist.shape[0])
+  if k == 0:
+    return codes
+  _, pick = jax.lax.top_k(dist, k)
 
   def group(r, code):
     residual = r - jnp.sum(cb[jnp.arange(n_m), code], axis=0)
@@ -251,11 +256,7 @@ def l2_beam_search(target_rows, codebooks, codes, scales, order, max_update_frac
     (bcodes, _, _), _ = jax.lax.scan(step, beams, order)
     return bcodes[0]
 
-  new = jax.vmap(group)(ref, flat)
-  dist = jnp.sum((ref - jnp.sum(cb[jnp.arange(n_m), flat], axis=1)) ** 2, -1)
-  k = jnp.ceil(max_update_fraction * dist.shape[0]).astype(jnp.int32)
-  rank = jnp.argsort(jnp.argsort(-dist))
-  return jnp.where((rank < k)[:, None], new, flat).reshape(codes.shape)
+  return flat.at[pick].set(jax.vmap(group)(ref[pick], flat[pick])).reshape(codes.shape)
 
 
 def _search_order(key, groups: int, num_codebooks: int):
