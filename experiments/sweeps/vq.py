@@ -9,7 +9,8 @@ COLUMNS = ["setting", "method", "fid", "sfid", "is", "precision", "recall", "cla
            "bits_per_weight_total", "model_bytes", "vq_mean_error", "quant_seconds", "seconds"]
 PIVOTS = [dict(rows="method", cols="setting", value="fid"), dict(rows="method", cols="setting", value="sfid"),
           dict(rows="method", cols="setting", value="bits_per_weight_total")]
-LINES = [dict(x="bits_per_weight_total", y="fid", group="method", reference="fp", log_y=True)]
+PARETO = [("bits_per_weight_total", "fid")]
+LINES = [dict(x="setting", y="fid", group="method", reference="fp", log_y=True)]
 PROTOCOL = {"sample.num_samples": 5000, "sample.seed": 0}
 # experiments/vq_allocate.py's greedy allocation at 2.0 average code bits (experiments/results/vq_allocation.md)
 LAQ_W2 = "adaLN_modulation=1x8g8,attn/qkv=2x8g8,attn/proj=3x8g8,mlp/fc1=3x8g8,mlp/fc2=2x8g8"
