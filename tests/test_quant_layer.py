@@ -40,8 +40,8 @@ def test_spec_validation_names_the_problem():
     spec_lib.LayerSpec(weight=weights.Codes(4), lora_rank=2)
   with pytest.raises(ValueError, match="Unknown weight part type 'int4'"):
     spec_lib.from_dict(dict(weight={"type": "int4"}, input={"type": "float"}, cache={"type": "none"}))
-  with pytest.raises(ValueError, match="declared but not built yet"):
-    spec_lib.from_dict(dict(weight={"type": "vq"}, input={"type": "float"}, cache={"type": "none"}))
+  vq_spec = spec_lib.LayerSpec(weight=weights.VQ(3, 6, 4, "all", update_codes=True), train=True)
+  assert spec_lib.from_dict(spec_lib.to_dict(vq_spec)) == vq_spec  # the VQ part serialises like the others
   with pytest.raises(ValueError, match="splits=3 does not divide"):
     layers.Linear(8, spec=spec_lib.LayerSpec(cache=caches.ICC(2, splits=3))).init(jax.random.key(0),
                                                                                    jnp.zeros((1, 4)))

@@ -81,7 +81,7 @@ def test_a_keep_8bit_pattern_that_matches_nothing_is_refused(tiny_export, tmp_pa
     quantize.run(c, str(tmp_path))
 
 
-@pytest.mark.parametrize("method", sorted(set(dit_w2a4.METHODS) - {"vq"}))
+@pytest.mark.parametrize("method", sorted(m for m in dit_w2a4.METHODS if not m.startswith("vq")))
 @pytest.mark.parametrize("w,a", [(2, 4), (3, 4), (4, 4), (4, 8), (8, 8)])
 def test_every_grid_config_builds_a_spec_table_or_a_clear_error(method, w, a):
   from diffq.seam import rules

@@ -158,9 +158,7 @@ def _part(types: dict, d: dict, what: str):
   d = dict(d)
   name = d.pop("type", None)
   if name not in types:
-    raise ValueError(f"Unknown {what} part type {name!r}; known: {sorted(k for k, v in types.items() if v)}.")
-  if types[name] is None:
-    raise ValueError(f"The {what} part {name!r} is declared but not built yet (its method's issue fills it).")
+    raise ValueError(f"Unknown {what} part type {name!r}; known: {sorted(types)}.")
   return types[name](**d)
 
 
