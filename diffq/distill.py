@@ -41,6 +41,8 @@ from diffq.models import dit
 from diffq.seam import spec as spec_lib
 
 TRD_GRADS = ("current", "none")
+LOSS_NORMS = ("none", "mean", "running")
+TRAJECTORIES = ("fp", "quant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,11 @@ class DistillConfig:
   trd_weight: float = 100.0         # 0 = EfficientDM (no TRD)
   trd_window: int = 2
   trd_grad: str = "current"
+  # Remedies for distillation hurting at W3A4 / W4A4 (the defaults are wave 1's loop, exactly):
+  loss_norm: str = "none"           # eps MSE as is | "mean" (/ element count) | "running" (/ per-position EMA)
+  loss_norm_decay: float = 0.9      # "running": EMA decay of each trajectory position's MSE over trajectories
+  grad_clip: float = 0.0            # > 0: clip the gradient's global norm before Adam (optax.clip_by_global_norm)
+  trajectory: str = "fp"            # x_{t-1} from the FP output (teacher forcing) | "quant" (the student's own)
 
   @classmethod
   def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
@@ -69,6 +76,13 @@ class DistillConfig:
   def __post_init__(self):
     if self.trd_grad not in TRD_GRADS:
       raise ValueError(f"Unknown trd_grad {self.trd_grad!r}; choose one of {TRD_GRADS}.")
+    if self.loss_norm not in LOSS_NORMS:
+      raise ValueError(f"Unknown loss_norm {self.loss_norm!r}; choose one of {LOSS_NORMS}.")
+    if self.trajectory not in TRAJECTORIES:
+      raise ValueError(f"Unknown trajectory {self.trajectory!r}; choose one of {TRAJECTORIES}.")
+    if self.grad_clip < 0 or not 0.0 <= self.loss_norm_decay < 1.0:
+      raise ValueError(f"grad_clip must be >= 0 and 0 <= loss_norm_decay < 1; got {self.grad_clip}, "
+                       f"{self.loss_norm_decay}.")
     if self.trajectories < 1 or self.images < 1 or self.trd_window < 1:
       raise ValueError(f"trajectories, images and trd_window must be >= 1; got {self}.")
 
@@ -108,11 +122,13 @@ def learning_rates(trainable: dict, groups: dict, cfg: DistillConfig) -> dict:
 
 
 def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int) -> optax.GradientTransformation:
-  """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`."""
+  """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`;
+  `grad_clip` > 0 clips the raw gradient's global norm first."""
   def scale_by_leaf_lr():
     return optax.GradientTransformation(lambda _: optax.EmptyState(),
                                         lambda u, s, p=None: ({k: -lrs[k] * v for k, v in u.items()}, s))
-  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+  clip = (optax.clip_by_global_norm(cfg.grad_clip),) if cfg.grad_clip > 0 else ()
+  return optax.chain(*clip, optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
                      optax.add_decayed_weights(cfg.weight_decay),
                      optax.scale_by_schedule(optax.linear_schedule(1.0, 0.0, total_steps)),
                      scale_by_leaf_lr())
@@ -206,7 +222,9 @@ class Distiller:
     if not train:
       raise ValueError("Distillation has nothing to train: no layer spec declares trainable leaves (the quantize "
                        "job trains layers that carry LoRA); set quant.lora_rank > 0.")
-    self._lrs = _keyed(learning_rates(train, trainable_groups(quant, self.table), self.cfg))
+    groups = trainable_groups(quant, self.table)
+    self._lrs = _keyed(learning_rates(train, groups, self.cfg))
+    self._groups = _keyed(groups)
     train = _keyed(train)
     rows = self.cfg.images * (2 if self.cfg_scale != 1.0 else 1)
     feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
@@ -214,6 +232,8 @@ class Distiller:
                  x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat),
                  model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table),
                                             dit.variable_shapes(self.model_cfg, self.table), rows))
+    if self.cfg.loss_norm == "running":  # per trajectory position: EMA of the eps MSE (0 = not visited yet)
+      state["loss_scale"] = jnp.zeros((len(self.plan.steps),))
     return state, _keyed(frozen)
 
   def optimizer(self) -> optax.GradientTransformation:
@@ -268,23 +288,49 @@ class Distiller:
       fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
                     window_end)
       values = [term.fn(fw) for term in self.terms]
-      return combine(self.terms, values, fw, grad=True), (values, fw, next_state)
+      scale = self._mse_scale(state, i, values[0])
+      grad_values = [values[0] / scale, *values[1:]] if self.cfg.loss_norm != "none" else values
+      return combine(self.terms, grad_values, fw, grad=True), (values, fw, next_state, scale)
 
-    grads, (values, fw, next_state) = jax.grad(loss_fn, has_aux=True)(train)
+    grads, (values, fw, next_state, scale) = jax.grad(loss_fn, has_aux=True)(train)
     updates, opt_state = self.optimizer().update(grads, opt_state, train)
     train = optax.apply_updates(train, updates)
     if self.post_update is not None:
       train, opt_state = self.post_update(train, opt_state, state["step"])
     steps = jnp.asarray(self.plan.steps, jnp.int32)
-    x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_fp, x, steps[i], jnp.zeros_like(x),
+    # teacher forcing (wave 1) or the student's own trajectory (its output before this update, no gradient)
+    out_next = out_fp if cfg.trajectory == "fp" else jax.lax.stop_gradient(fw.out_q)
+    x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_next, x, steps[i], jnp.zeros_like(x),
                                   self.clip_x0)
     keep = 1.0 - window_end
     new = dict(step=state["step"] + 1, quant=train, opt_state=opt_state,
                x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q),
                model_state=jax.lax.stop_gradient(next_state))
+    if "loss_scale" in state:
+      new["loss_scale"] = state["loss_scale"].at[i].set(scale)
     metrics = dict(loss=combine(self.terms, values, fw, grad=False),
-                   **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads))
+                   **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads),
+                   **self._group_norms(grads, updates))
     return new, metrics
+
+  def _mse_scale(self, state, i, mse):
+    """The divisor of the eps MSE in the differentiated loss (`loss_norm`; a constant to the gradient)."""
+    if self.cfg.loss_norm == "mean":
+      return jnp.float32(self.cfg.images * int(np.prod(self.shape)))
+    if self.cfg.loss_norm == "running":
+      prev, cur = state["loss_scale"][i], jax.lax.stop_gradient(mse)
+      d = self.cfg.loss_norm_decay
+      return jnp.where(prev > 0, d * prev + (1 - d) * cur, cur)
+    return jnp.float32(1.0)
+
+  def _group_norms(self, grads, updates) -> dict:
+    """Per learning-rate group: global norm of the gradient and of the applied update (diagnostics only)."""
+    out = {}
+    for g in sorted(set(self._groups.values())):
+      keys = [k for k in grads if self._groups[k] == g]
+      out[f"grad_norm_{g}"] = optax.tree.norm({k: grads[k] for k in keys})
+      out[f"update_norm_{g}"] = optax.tree.norm({k: updates[k] for k in keys})
+    return out
 
   def merged_quant(self, state, frozen) -> dict:
     """The full `quant` collection (trained + frozen variables)."""
