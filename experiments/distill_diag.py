@@ -56,6 +56,8 @@ def main():
   p.add_argument("--trajectories", type=int, default=150)
   p.add_argument("--eval_every", type=int, default=25)
   p.add_argument("--images", type=int, default=50)
+  p.add_argument("--stop_after", type=int, default=0, help="stop after this many trajectories (0: all), same "
+                 "lr schedule")
   args = p.parse_args()
   config = dit_w2a4.get_config(f"w={args.w},a={args.a},method=efficientdm,act=static")
   config.distill.trajectories = args.trajectories
@@ -89,13 +91,25 @@ def main():
   draw_q = draw(q_fn, q_model)
   rel = lambda a, b: np.array([float(jnp.sum((u - v) ** 2) / jnp.sum(v ** 2)) for u, v in zip(a, b)])
 
-  def evaluate(q):
+  init = jax.device_get(d.init_state(quant)[0]["quant"])
+
+  def drift(train):
+    """Per group and leaf name: ||theta - theta_0|| / ||theta_0|| (LoRA B starts at 0: absolute norm)."""
+    out = {}
+    for k, v in jax.device_get(train).items():
+      name = f"{d._groups[k]}/{k.rsplit('/', 1)[1]}"
+      a, b = out.get(name, (0.0, 0.0))
+      out[name] = (a + float(np.sum((v - init[k]) ** 2)), b + float(np.sum(init[k] ** 2)))
+    return {k: float(np.sqrt(a / b)) if b > 0 else float(np.sqrt(a)) for k, (a, b) in out.items()}
+
+  def evaluate(q, train=None):
     v = {"params": params, "quant": q}
     tf = rel(per_step_eps(eps_q, q_model, v, xs_fp, labels, plan, s.cfg_scale), ref_tf)
     x0_q, xs_q = draw_q(v)
     own = rel(per_step_eps(eps_q, q_model, v, xs_q, labels, plan, s.cfg_scale),
               per_step_eps(eps_fp, fp_model, fpv, xs_q, labels, plan, s.cfg_scale))
-    return dict(tf=tf.tolist(), own=own.tolist(), x0_rms=float(jnp.sqrt(jnp.mean((x0_q - x0_fp) ** 2))))
+    return dict(tf=tf.tolist(), own=own.tolist(), x0_rms=float(jnp.sqrt(jnp.mean((x0_q - x0_fp) ** 2))),
+                drift=drift(train) if train is not None else {})
 
   state, frozen = d.init_state(quant)
   rep = parallel.replicated(mesh)
@@ -104,7 +118,15 @@ def main():
   evals = [dict(trajectory=0, **evaluate(d.merged_quant(state, frozen)))]
   print(f"traj 0: x0_rms {evals[-1]['x0_rms']:.4f} tf {np.mean(evals[-1]['tf']):.4f} "
         f"own {np.mean(evals[-1]['own']):.4f}", flush=True)
+  print(f"  tf by pos {np.array(evals[-1]['tf']).round(3)}\n  own by pos {np.array(evals[-1]['own']).round(3)}")
   steps, t0, batch = [], time.time(), None
+  path = os.path.join(ROOT, "runs", "diag", f"{args.name}.json")
+
+  def write(evals, steps, **extra):
+    with open(path, "w") as f:
+      json.dump(dict(args=vars(args), distill=dict(quantize.distill_config(config).__dict__), evals=evals,
+                     steps=steps, **extra), f)
+
   for step in range(d.num_steps):
     j, pos = divmod(step, len(plan.steps))
     if pos == 0:
@@ -112,20 +134,21 @@ def main():
     state, m = step_fn(state, frozen, params_r, *batch)
     steps.append({k: float(v) for k, v in jax.device_get(m).items()})
     if pos == len(plan.steps) - 1 and (j + 1) % args.eval_every == 0:
-      evals.append(dict(trajectory=j + 1, **evaluate(d.merged_quant(state, frozen))))
+      evals.append(dict(trajectory=j + 1, **evaluate(d.merged_quant(state, frozen), state["quant"])))
       e = evals[-1]
       print(f"traj {j + 1}: x0_rms {e['x0_rms']:.4f} tf {np.mean(e['tf']):.4f} own {np.mean(e['own']):.4f} "
             f"({time.time() - t0:.0f} s)", flush=True)
+      print(f"  tf by pos {np.array(e['tf']).round(3)}\n  own by pos {np.array(e['own']).round(3)}", flush=True)
+      print(f"  drift {e['drift']}", flush=True)
+      write(evals, steps)
+      if args.stop_after and j + 1 >= args.stop_after:
+        break
   S = len(plan.steps)
-  prof = lambda key, part: np.array([s_[key] for s_ in steps]).reshape(-1, S)[part].mean(0)
+  prof = lambda key, part: np.array([s_[key] for s_ in steps])[:len(steps) // S * S].reshape(-1, S)[part].mean(0)
   keys = sorted(steps[0])
   summary = {f"{k}_{name}": prof(k, part).tolist() for k in keys
              for name, part in (("first10", slice(0, 10)), ("last10", slice(-10, None)))}
-  out = dict(args=vars(args), distill=dict(quantize.distill_config(config).__dict__), evals=evals,
-             profile=summary, steps=steps)
-  os.makedirs(os.path.join(ROOT, "runs", "diag"), exist_ok=True)
-  with open(os.path.join(ROOT, "runs", "diag", f"{args.name}.json"), "w") as f:
-    json.dump(out, f)
+  write(evals, steps, profile=summary)
   np.set_printoptions(precision=3, linewidth=200)
   for k in ("mse", "grad_norm", "grad_norm_lora", "grad_norm_act_quant", "grad_norm_weight_quant",
             "update_norm_lora", "update_norm_act_quant", "update_norm_weight_quant"):

@@ -203,7 +203,8 @@ def run(config, workdir: str) -> dict:
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
                    clip_x0=s.clip_x0))
   distill_settings = dict(calib_settings, grad=config.quant.grad,
-                          distill={k: v for k, v in config.distill.to_dict().items() if k not in loop.LOOP_KEYS})
+                          distill={k: v for k, v in config.distill.to_dict().items() if k not in loop.LOOP_KEYS
+                                   and not (k in distill.REMEDY_DEFAULTS and v == distill.REMEDY_DEFAULTS[k])})
   export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
   check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
                                     distillation=distill_settings if distiller is not None else None))
