@@ -69,8 +69,9 @@ def get_config(arg=None):
                    w_quant_lr=1e-6, a_quant_lr=5e-4, weight_decay=0.01, trd_weight=100.0 if m["trd"] else 0.0,
                    trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50,
                    # remedies (diffq/distill.py; these values are wave 1's loop): loss_norm none | mean | running |
-                   # x_prev, grad_clip (0 = off), trajectory fp (teacher forcing) | quant (the student's own)
-                   loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp")
+                   # x_prev, grad_clip (0 = off), trajectory fp (teacher forcing) | quant (the student's own),
+                   # loss_on guided (CFG-combined eps) | branches (cond and uncond eps separately)
+                   loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp", loss_on="guided")
   c.sample = sample_config.get_config("quick" if arg.quick else None)
   for k in ("job", "params", "num_devices", "distributed"):
     del c.sample[k]

@@ -52,9 +52,10 @@ from diffq.seam import spec as spec_lib
 TRD_GRADS = ("current", "none")
 LOSS_NORMS = ("none", "mean", "running", "x_prev")
 TRAJECTORIES = ("fp", "quant")
+LOSS_ON = ("guided", "branches")
 # The remedies' settings at their wave-1 values: a settings record leaves them out then, so the distillation
 # stages cached before they existed stay reusable (diffq.jobs.quantize).
-REMEDY_DEFAULTS = dict(loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp")
+REMEDY_DEFAULTS = dict(loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp", loss_on="guided")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class DistillConfig:
   loss_norm_decay: float = 0.9      # "running": EMA decay of each trajectory position's MSE over trajectories
   grad_clip: float = 0.0            # > 0: clip the gradient's global norm before Adam (optax.clip_by_global_norm)
   trajectory: str = "fp"            # x_{t-1} from the FP output (teacher forcing) | "quant" (the student's own)
+  loss_on: str = "guided"           # eps MSE of the CFG-combined output | "branches": of the cond and uncond rows
 
   @classmethod
   def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
@@ -91,6 +93,8 @@ class DistillConfig:
       raise ValueError(f"Unknown trd_grad {self.trd_grad!r}; choose one of {TRD_GRADS}.")
     if self.loss_norm not in LOSS_NORMS:
       raise ValueError(f"Unknown loss_norm {self.loss_norm!r}; choose one of {LOSS_NORMS}.")
+    if self.loss_on not in LOSS_ON:
+      raise ValueError(f"Unknown loss_on {self.loss_on!r}; choose one of {LOSS_ON}.")
     if self.trajectory not in TRAJECTORIES:
       raise ValueError(f"Unknown trajectory {self.trajectory!r}; choose one of {TRAJECTORIES}.")
     if self.grad_clip < 0 or not 0.0 <= self.loss_norm_decay < 1.0:
@@ -175,6 +179,8 @@ class Forwards(NamedTuple):
   window_fp: jax.Array
   window_q: jax.Array
   window_end: jax.Array
+  raw_fp: jax.Array | None = None   # the networks' outputs on the CFG batch before combining (2B, H, W, 2C)
+  raw_q: jax.Array | None = None
 
 
 class LossTerm(NamedTuple):
@@ -187,8 +193,11 @@ class LossTerm(NamedTuple):
   gate: Callable | None = None
 
 
-def eps_mse(channels: int) -> Callable:
-  """sum (eps_q - eps_fp)^2 over the eps channels of the guided outputs."""
+def eps_mse(channels: int, branches: bool = False) -> Callable:
+  """sum (eps_q - eps_fp)^2 over the eps channels of the guided outputs (`branches`: of the uncombined cond and
+  uncond rows)."""
+  if branches:
+    return lambda f: jnp.sum((f.raw_q[..., :channels] - f.raw_fp[..., :channels]) ** 2)
   return lambda f: jnp.sum((f.out_q[..., :channels] - f.out_fp[..., :channels]) ** 2)
 
 
@@ -199,7 +208,7 @@ def window_relation_kl(f: Forwards):
 
 def loss_terms(cfg: DistillConfig, channels: int) -> tuple[LossTerm, ...]:
   """The eps MSE and TRD (at window ends; trains only with trd_grad='current')."""
-  return (LossTerm("mse", 1.0, 1.0, eps_mse(channels)),
+  return (LossTerm("mse", 1.0, 1.0, eps_mse(channels, cfg.loss_on == "branches")),
           LossTerm("trd", cfg.trd_weight, cfg.trd_weight if cfg.trd_grad == "current" else 0.0, window_relation_kl,
                    lambda f: f.window_end))
 
@@ -268,8 +277,8 @@ class Distiller:
             np.asarray(jax.random.randint(k_y, (self.cfg.images,), 0, self.model_cfg.num_classes)))
 
   def _forward(self, specs, variables, x, t, y, step, model_state=None):
-    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state) for one CFG network
-    batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
+    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state, the uncombined output
+    (rows, H, W, 2C)) for one CFG network batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
     model = dit.DiT(config=self.model_cfg, specs=specs)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
@@ -278,9 +287,10 @@ class Distiller:
                              mutable=["intermediates", *model_state],
                              capture_intermediates=lambda m, name: m.name == last and name == "__call__")
     tokens = inter["intermediates"][last]["__call__"][0]
+    raw = out
     if self.cfg_scale != 1.0:
       out = sampler.cfg_combine(out, self.shape[-1], self.cfg_scale)
-    return out, tokens, {k: inter[k] for k in model_state}
+    return out, tokens, {k: inter[k] for k in model_state}, raw
 
   def step(self, state, frozen, params, x_T, labels):
     """One optimiser step at trajectory position state["step"] % S. Returns (state, metrics)."""
@@ -295,7 +305,7 @@ class Distiller:
     acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
     t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
     t = jnp.full((x.shape[0],), t_model)
-    out_fp, f_fp, _ = self._forward((), {"params": params}, x, t, labels, i)
+    out_fp, f_fp, _, raw_fp = self._forward((), {"params": params}, x, t, labels, i)
     # the quantized model's state follows the trajectory in step order, from zeros at its start (as in sampling)
     model_state = jax.tree.map(lambda a: jnp.where(first, jnp.zeros_like(a), a), state["model_state"])
     window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
@@ -304,10 +314,10 @@ class Distiller:
     # like one; the logged loss still carries the (detached) TRD term, as the released code reports it.
     def loss_fn(train):
       quant = flax.traverse_util.unflatten_dict(_unkeyed({**frozen, **train}))
-      out_q, f_q, next_state = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i,
-                                             model_state)
+      out_q, f_q, next_state, raw_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels,
+                                                    i, model_state)
       fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
-                    window_end)
+                    window_end, raw_fp, raw_q)
       values = [term.fn(fw) for term in self.terms]
       scale = self._mse_scale(state, i, values[0])
       grad_values = [values[0] / scale, *values[1:]] if self.cfg.loss_norm != "none" else values

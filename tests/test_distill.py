@@ -215,3 +215,17 @@ def test_ddim_eps_gain_is_the_derivative_of_the_ddim_step(setup):
     step = lambda o: sampler.denoise_step(plan.schedule, "ddim", 0.0, o, x, t, jnp.zeros_like(x))
     _, dx = jax.jvp(step, (out,), (direction,))
     np.testing.assert_allclose(np.asarray(dx), distill.ddim_eps_gain(plan)[i], rtol=1e-4, err_msg=str(i))
+
+
+def test_branch_loss_is_the_eps_error_of_the_uncombined_rows(setup):
+  """loss_on='branches': sum of the squared eps error over the cond and uncond rows of the CFG batch."""
+  d, state, frozen, params = make(setup, trd_weight=0.0, loss_on="branches")
+  cfg, _, plan, table, quant = setup
+  x_T, y = d.trajectory_inputs(0)
+  _, (m,) = run_steps(d, state, frozen, params, 1, parallel.make_mesh(1))
+  t = jnp.full((8,), int(plan.model_timesteps[0]))
+  batch = sampler.cfg_batch(jnp.asarray(x_T), t, jnp.asarray(y), 10)
+  fp = dit.DiT(config=cfg).apply({"params": params}, *batch)
+  q = dit.DiT(config=cfg, specs=table).apply({"params": params, "quant": quant}, *batch,
+                                             ctx=plan_lib.StepContext(0))
+  np.testing.assert_allclose(m["mse"], np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2), rtol=1e-4)
