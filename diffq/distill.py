@@ -25,6 +25,9 @@ positions, follow those steps' gradients. `loss_norm` reweights the differentiat
 trajectories, every position weighted alike; "x_prev": x (d x_{t-1} / d eps)^2, the MSE of the DDIM step's
 x_{t-1}); the logged `mse` stays the raw sum. `grad_clip` clips the gradient's global norm before Adam;
 `trajectory="quant"` advances x with the quantized model's (pre-update, detached) output instead of the FP one.
+`loss_on="branches"` takes the eps MSE on the cond and uncond rows of the CFG batch instead of the combined
+eps_u + s (eps_c - eps_u): with noisy 4-bit activations the guided loss weights the noisy guidance direction s^2
+times, and its MSE optimum shrinks that direction (weaker effective CFG; experiments/guidance_gain.py).
 
 TRD gradient (`trd_grad`): the released code detaches both features, so TRD never trains (`"none"`
 reproduces that: the term is logged, and the differentiated loss is that of a run without TRD, so it trains
