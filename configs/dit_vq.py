@@ -14,15 +14,15 @@ steps_per_epoch, lr, max_epochs, tolerance). Embedders and the final layer stay 
 activation part is that of configs/dit_w2a4.py (`act=`); A8 defaults to the static per-step quantizer.
 `pv` fine-tunes on the distillation loop (diffq/distill.py): Adam on codebooks and scales, and after every
 update the 1% of code groups farthest from their straight-through targets re-encoded (`distill.vq_lr`,
-`code_lr`, `max_code_change`, `code_beam`, `semi`).
+`code_lr`, `max_code_change`, `code_beam`, `semi`); `loop=` as in configs/dit_w2a4.py.
 """
 from configs import dit_w2a4
 
 
 def get_config(arg=None):
-  arg = dit_w2a4.configlib.parse_arg(arg, w=2, a=8, act="static", pv=False, quick=False)
+  arg = dit_w2a4.configlib.parse_arg(arg, w=2, a=8, act="static", pv=False, loop="fixed", quick=False)
   method = "vq_pv" if arg.pv else "vq"
-  c = dit_w2a4.get_config(f"w={arg.w},a={arg.a},method={method},act={arg.act}" + (",quick" if arg.quick else ""))
+  c = dit_w2a4.get_config(f"w={arg.w},a={arg.a},method={method},act={arg.act},loop={arg.loop}" + (",quick" if arg.quick else ""))
   if arg.quick:
     c.quant.vq.max_epochs = 3
   return c

@@ -16,6 +16,9 @@ Methods (`method=`; every field stays overridable with --config.quant.X / --conf
   vq           additive vector quantization of the weights (AQLM / AQUATIC-Diff; `quant.vq`, configs/dit_vq.py):
                w=M gives M codebooks of 2^8 codewords over groups of 8 inputs (M bits per weight before codebooks)
   vq_pv        vq + PV-tuning on the distillation loop (codebooks, scales and codes; AQUATIC-Diff's stage 2)
+Distillation loop (`loop=`, methods that train): fixed (default; 50 trajectories along the quantized model's own
+DDIM trajectory, the eps MSE on the conditional and unconditional rows apart: experiments/results/distill_fix.md)
+| wave1 (150 trajectories, teacher forcing on the FP trajectory, the MSE of the CFG-combined eps: wave 1's rows).
 OMQ alone as PTQ: method=omq with --config.distill.trajectories=0. Embedders and the final layer stay W8A8
 without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 
@@ -42,16 +45,24 @@ METHODS = {
     "vq_pv": dict(omq=False, trd=False, lora=False, vq=True, pv=True),
 }
 
+# The distillation loop (`loop=`): trajectory fp (teacher forcing) | quant (the student's own DDIM trajectory);
+# loss_on guided (eps MSE of the CFG-combined output) | branches (of the cond and uncond rows apart). "wave1" is
+# the loop of wave 1's results, "fixed" (default) the remedy of experiments/results/distill_fix.md.
+LOOPS = {"fixed": dict(trajectories=50, trajectory="quant", loss_on="branches"),
+         "wave1": dict(trajectories=150, trajectory="fp", loss_on="guided")}
+
 ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("modiff", False),
         "rotate": ("static", True), "rotate_modiff": ("modiff", True)}  # act= -> (quant.act, quant.rotate)
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="rotate_modiff", quick=False, xl2=False)
+  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="rotate_modiff", loop="fixed", quick=False, xl2=False)
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
   if arg.act not in ACTS:
     raise ValueError(f"Unknown act {arg.act!r}; choose one of {sorted(ACTS)}.")
+  if arg.loop not in LOOPS:
+    raise ValueError(f"Unknown loop {arg.loop!r}; choose one of {sorted(LOOPS)}.")
   m = METHODS[arg.method]
   c = configlib.ml_collections.ConfigDict()
   c.job = "quantize"
@@ -77,13 +88,18 @@ def get_config(arg=None):
                          update_codes=True))    # ... and, when training, re-encodes codes (PV-tuning's V-step)
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
-  # MPQ-DM's released recipe except the length (16,000 steps there); 0 trajectories = PTQ only.
-  c.distill = dict(trajectories=150 if m["lora"] or m.get("pv") else 0, images=4, seed=3407, lora_lr_divisor=2500.0,
+  # MPQ-DM's released recipe except the length (16,000 steps there) and the loop (`loop=`); 0 trajectories = PTQ.
+  c.distill = dict(images=4, seed=3407, lora_lr_divisor=2500.0,
                    w_quant_lr=1e-6, a_quant_lr=5e-4, weight_decay=0.01, trd_weight=100.0 if m["trd"] else 0.0,
                    trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50,
                    # PV-tuning of VQ weights (method=vq_pv): P-step Adam lr, V-step target lr, fraction of code
                    # groups re-encoded per step, its L2 beam, selective momentum invalidation none|boundary|code_change
-                   vq_lr=3e-4, code_lr=1e-2, max_code_change=0.01, code_beam=5, semi="none")
+                   vq_lr=3e-4, code_lr=1e-2, max_code_change=0.01, code_beam=5, semi="none",
+                   # loss_norm none | mean | running | x_prev (per-position eps-MSE weight), grad_clip (0 = off)
+                   loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0,
+                   **LOOPS[arg.loop])
+  if not (m["lora"] or m.get("pv")):
+    c.distill.trajectories = 0
   c.sample = sample_config.get_config("quick" if arg.quick else None)
   for k in ("job", "params", "num_devices", "distributed"):
     del c.sample[k]

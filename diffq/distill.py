@@ -23,6 +23,18 @@ and two hooks let a method act on the trained leaves: `post_update(train, opt_st
 opt_state)` after every optimiser update, `trajectory_start(train, opt_state, trajectory) -> (train, opt_state)`
 before the first step of every trajectory.
 
+Remedies (`DistillConfig`; the defaults are the loop above, exactly). The sum MSE is 20-100x larger at the last
+(t -> 0) positions than at high noise, although an eps error there barely moves the sample (the DDIM step's
+d x_{t-1} / d eps is ~0.01 at the last position vs ~0.2-0.6 elsewhere), and the LoRA factors, shared by all
+positions, follow those steps' gradients. `loss_norm` reweights the differentiated MSE per position ("mean":
+/ element count, a constant, i.e. no reweighting under Adam; "running": / the EMA of this position's MSE over
+trajectories, every position weighted alike; "x_prev": x (d x_{t-1} / d eps)^2, the MSE of the DDIM step's
+x_{t-1}); the logged `mse` stays the raw sum. `grad_clip` clips the gradient's global norm before Adam;
+`trajectory="quant"` advances x with the quantized model's (pre-update, detached) output instead of the FP one.
+`loss_on="branches"` takes the eps MSE on the cond and uncond rows of the CFG batch instead of the combined
+eps_u + s (eps_c - eps_u): with noisy 4-bit activations the guided loss weights the noisy guidance direction s^2
+times, and its MSE optimum shrinks that direction (weaker effective CFG; experiments/guidance_gain.py).
+
 TRD gradient (`trd_grad`): the released code detaches both features, so TRD never trains (`"none"`
 reproduces that: the term is logged, and the differentiated loss is that of a run without TRD, so it trains
 exactly like one). `"current"` (default, the spec's option (b)):
@@ -53,6 +65,12 @@ TRD_GRADS = ("current", "none")
 SEMI = ("none", "boundary", "code_change")
 PV_KEYS = ("vq_lr", "code_lr", "max_code_change", "code_beam", "semi")  # DistillConfig's PV-tuning settings
 VQ_GROUPS = ("vq", "vq_target")  # learning-rate groups of the VQ parts (their own Adam, no weight decay)
+LOSS_NORMS = ("none", "mean", "running", "x_prev")
+TRAJECTORIES = ("fp", "quant")
+LOSS_ON = ("guided", "branches")
+# The remedies' settings at their wave-1 values: a settings record leaves them out then, so the distillation
+# stages cached before they existed stay reusable (diffq.jobs.quantize).
+REMEDY_DEFAULTS = dict(loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp", loss_on="guided")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +92,13 @@ class DistillConfig:
   max_code_change: float = 0.01     # fraction of code groups re-encoded per step (the farthest from the target)
   code_beam: int = 5                # L2 beam width of the re-encoding
   semi: str = "none"                # selective momentum invalidation: none | boundary | code_change
+  # Remedies for distillation hurting at W3A4 / W4A4 (the defaults are wave 1's loop, exactly):
+  loss_norm: str = "none"           # eps MSE as is | "mean" (/ element count) | "running" (/ per-position EMA)
+                                    # | "x_prev" (x c_i^2, dx_{t-1}/deps of the DDIM step: the MSE of x_{t-1})
+  loss_norm_decay: float = 0.9      # "running": EMA decay of each trajectory position's MSE over trajectories
+  grad_clip: float = 0.0            # > 0: clip the gradient's global norm before Adam (optax.clip_by_global_norm)
+  trajectory: str = "fp"            # x_{t-1} from the FP output (teacher forcing) | "quant" (the student's own)
+  loss_on: str = "guided"           # eps MSE of the CFG-combined output | "branches": of the cond and uncond rows
 
   @classmethod
   def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
@@ -92,6 +117,15 @@ class DistillConfig:
     if not 0.0 <= self.max_code_change <= 1.0 or self.code_beam < 1:
       raise ValueError(f"max_code_change must lie in [0, 1] and code_beam be >= 1; got {self.max_code_change}, "
                        f"{self.code_beam}.")
+    if self.loss_norm not in LOSS_NORMS:
+      raise ValueError(f"Unknown loss_norm {self.loss_norm!r}; choose one of {LOSS_NORMS}.")
+    if self.loss_on not in LOSS_ON:
+      raise ValueError(f"Unknown loss_on {self.loss_on!r}; choose one of {LOSS_ON}.")
+    if self.trajectory not in TRAJECTORIES:
+      raise ValueError(f"Unknown trajectory {self.trajectory!r}; choose one of {TRAJECTORIES}.")
+    if self.grad_clip < 0 or not 0.0 <= self.loss_norm_decay < 1.0:
+      raise ValueError(f"grad_clip must be >= 0 and 0 <= loss_norm_decay < 1; got {self.grad_clip}, "
+                       f"{self.loss_norm_decay}.")
     if self.trajectories < 1 or self.images < 1 or self.trd_window < 1:
       raise ValueError(f"trajectories, images and trd_window must be >= 1; got {self}.")
 
@@ -157,7 +191,8 @@ def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int, groups: dict
                    ) -> optax.GradientTransformation:
   """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`. Leaves
   of the VQ groups (`groups`: {key: group}) take PV-tuning's Adam instead, without weight decay: (0.9, 0.95) on
-  codebooks and scales, (0, 0.95) on the straight-through targets."""
+  codebooks and scales, (0, 0.95) on the straight-through targets. `grad_clip` > 0 clips the raw gradient's global
+  norm (over all leaves) first."""
   def scale_by_leaf_lr():
     return optax.GradientTransformation(lambda _: optax.EmptyState(),
                                         lambda u, s, p=None: ({k: v if isinstance(v, optax.MaskedNode) else
@@ -166,10 +201,10 @@ def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int, groups: dict
   adamw = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), optax.add_decayed_weights(cfg.weight_decay),
                       decay, scale_by_leaf_lr())
   labels = {k: g if g in VQ_GROUPS else "adamw" for k, g in (groups or {}).items()}
-  if not set(labels.values()) & set(VQ_GROUPS):
-    return adamw
-  pv = lambda b1: optax.chain(optax.scale_by_adam(b1=b1, b2=0.95, eps=1e-8), decay, scale_by_leaf_lr())
-  return optax.multi_transform({"adamw": adamw, "vq": pv(0.9), "vq_target": pv(0.0)}, labels)
+  if set(labels.values()) & set(VQ_GROUPS):
+    pv = lambda b1: optax.chain(optax.scale_by_adam(b1=b1, b2=0.95, eps=1e-8), decay, scale_by_leaf_lr())
+    adamw = optax.multi_transform({"adamw": adamw, "vq": pv(0.9), "vq_target": pv(0.0)}, labels)
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 
 
 def zero_moments(opt_state, keys, moments=("mu",), mask=None):
@@ -188,6 +223,14 @@ def zero_moments(opt_state, keys, moments=("mu",), mask=None):
       return {k: walk(v) for k, v in s.items()}
     return s
   return walk(opt_state)
+
+
+def ddim_eps_gain(plan: plan_lib.StepPlan) -> np.ndarray:
+  """(S,) d x_{t-1} / d eps of the deterministic DDIM step at each plan position (x_t fixed, x0 unclipped):
+  sqrt(1 - abar_prev) - sqrt(abar_prev (1 - abar) / abar)."""
+  a = np.asarray(plan.schedule.alphas_cumprod, np.float64)[np.array(plan.steps)]
+  ap = np.asarray(plan.schedule.alphas_cumprod_prev, np.float64)[np.array(plan.steps)]
+  return np.sqrt(1 - ap) - np.sqrt(ap * (1 - a) / a)
 
 
 def _keyed(flat: dict) -> dict:
@@ -210,6 +253,8 @@ class Forwards(NamedTuple):
   window_fp: jax.Array
   window_q: jax.Array
   window_end: jax.Array
+  raw_fp: jax.Array | None = None   # the networks' outputs on the CFG batch before combining (2B, H, W, 2C)
+  raw_q: jax.Array | None = None
 
 
 class LossTerm(NamedTuple):
@@ -222,8 +267,11 @@ class LossTerm(NamedTuple):
   gate: Callable | None = None
 
 
-def eps_mse(channels: int) -> Callable:
-  """sum (eps_q - eps_fp)^2 over the eps channels of the guided outputs."""
+def eps_mse(channels: int, branches: bool = False) -> Callable:
+  """sum (eps_q - eps_fp)^2 over the eps channels of the guided outputs (`branches`: of the uncombined cond and
+  uncond rows)."""
+  if branches:
+    return lambda f: jnp.sum((f.raw_q[..., :channels] - f.raw_fp[..., :channels]) ** 2)
   return lambda f: jnp.sum((f.out_q[..., :channels] - f.out_fp[..., :channels]) ** 2)
 
 
@@ -234,7 +282,7 @@ def window_relation_kl(f: Forwards):
 
 def loss_terms(cfg: DistillConfig, channels: int) -> tuple[LossTerm, ...]:
   """The eps MSE and TRD (at window ends; trains only with trd_grad='current')."""
-  return (LossTerm("mse", 1.0, 1.0, eps_mse(channels)),
+  return (LossTerm("mse", 1.0, 1.0, eps_mse(channels, cfg.loss_on == "branches")),
           LossTerm("trd", cfg.trd_weight, cfg.trd_weight if cfg.trd_grad == "current" else 0.0, window_relation_kl,
                    lambda f: f.window_end))
 
@@ -292,6 +340,8 @@ class Distiller:
                  x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat),
                  model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table),
                                             dit.variable_shapes(self.model_cfg, self.table), rows))
+    if self.cfg.loss_norm == "running":  # per trajectory position: EMA of the eps MSE (0 = not visited yet)
+      state["loss_scale"] = jnp.zeros((len(self.plan.steps),))
     return state, _keyed(frozen)
 
   def optimizer(self) -> optax.GradientTransformation:
@@ -338,8 +388,8 @@ class Distiller:
             np.asarray(jax.random.randint(k_y, (self.cfg.images,), 0, self.model_cfg.num_classes)))
 
   def _forward(self, specs, variables, x, t, y, step, model_state=None):
-    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state) for one CFG network
-    batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
+    """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state, the uncombined output
+    (rows, H, W, 2C)) for one CFG network batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
     model = dit.DiT(config=self.model_cfg, specs=specs)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
@@ -348,9 +398,10 @@ class Distiller:
                              mutable=["intermediates", *model_state],
                              capture_intermediates=lambda m, name: m.name == last and name == "__call__")
     tokens = inter["intermediates"][last]["__call__"][0]
+    raw = out
     if self.cfg_scale != 1.0:
       out = sampler.cfg_combine(out, self.shape[-1], self.cfg_scale)
-    return out, tokens, {k: inter[k] for k in model_state}
+    return out, tokens, {k: inter[k] for k in model_state}, raw
 
   def step(self, state, frozen, params, x_T, labels):
     """One optimiser step at trajectory position state["step"] % S. Returns (state, metrics)."""
@@ -367,7 +418,7 @@ class Distiller:
     acc_fp, acc_q = (jnp.where(first, 0.0, state[k]) for k in ("acc_fp", "acc_q"))
     t_model = jnp.asarray(self.plan.model_timesteps, jnp.int32)[i]
     t = jnp.full((x.shape[0],), t_model)
-    out_fp, f_fp, _ = self._forward((), {"params": params}, x, t, labels, i)
+    out_fp, f_fp, _, raw_fp = self._forward((), {"params": params}, x, t, labels, i)
     # the quantized model's state follows the trajectory in step order, from zeros at its start (as in sampling)
     model_state = jax.tree.map(lambda a: jnp.where(first, jnp.zeros_like(a), a), state["model_state"])
     window_end = (i % cfg.trd_window == cfg.trd_window - 1).astype(jnp.float32)
@@ -376,14 +427,16 @@ class Distiller:
     # like one; the logged loss still carries the (detached) TRD term, as the released code reports it.
     def loss_fn(train):
       quant = self._quant(frozen, train, discrete)
-      out_q, f_q, next_state = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels, i,
-                                             model_state)
+      out_q, f_q, next_state, raw_q = self._forward(self.table, {"params": params, "quant": quant}, x, t, labels,
+                                                    i, model_state)
       fw = Forwards(out_fp, out_q, f_fp, f_q, (acc_fp + f_fp) / cfg.trd_window, (acc_q + f_q) / cfg.trd_window,
-                    window_end)
+                    window_end, raw_fp, raw_q)
       values = [term.fn(fw) for term in self.terms]
-      return combine(self.terms, values, fw, grad=True), (values, fw, next_state)
+      scale = self._mse_scale(state, i, values[0])
+      grad_values = [values[0] / scale, *values[1:]] if self.cfg.loss_norm != "none" else values
+      return combine(self.terms, grad_values, fw, grad=True), (values, fw, next_state, scale)
 
-    grads, (values, fw, next_state) = jax.grad(loss_fn, has_aux=True)(train)
+    grads, (values, fw, next_state, scale) = jax.grad(loss_fn, has_aux=True)(train)
     updates, opt_state = self.optimizer().update(grads, opt_state, train)
     train = optax.apply_updates(train, updates)
     if discrete:
@@ -394,17 +447,43 @@ class Distiller:
     if self.post_update is not None:
       train, opt_state = self.post_update(train, opt_state, state["step"])
     steps = jnp.asarray(self.plan.steps, jnp.int32)
-    x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_fp, x, steps[i], jnp.zeros_like(x),
+    # teacher forcing (wave 1) or the student's own trajectory (its output before this update, no gradient)
+    out_next = out_fp if cfg.trajectory == "fp" else jax.lax.stop_gradient(fw.out_q)
+    x_next = sampler.denoise_step(self.plan.schedule, "ddim", 0.0, out_next, x, steps[i], jnp.zeros_like(x),
                                   self.clip_x0)
     keep = 1.0 - window_end
     new = dict(step=state["step"] + 1, quant=train, discrete=discrete, opt_state=opt_state,
                x=x_next, acc_fp=keep * (acc_fp + f_fp), acc_q=keep * (acc_q + fw.f_q),
                model_state=jax.lax.stop_gradient(next_state))
+    if "loss_scale" in state:
+      new["loss_scale"] = state["loss_scale"].at[i].set(scale)
     metrics = dict(loss=combine(self.terms, values, fw, grad=False),
-                   **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads))
+                   **{term.name: v for term, v in zip(self.terms, values)}, grad_norm=optax.tree.norm(grads),
+                   **self._group_norms(grads, updates))
     if discrete:
       metrics["code_change"] = sum(jnp.sum(c) for c in changed.values()) / sum(c.size for c in changed.values())
     return new, metrics
+
+  def _mse_scale(self, state, i, mse):
+    """The divisor of the eps MSE in the differentiated loss (`loss_norm`; a constant to the gradient)."""
+    if self.cfg.loss_norm == "mean":
+      return jnp.float32(self.cfg.images * int(np.prod(self.shape)))
+    if self.cfg.loss_norm == "x_prev":
+      return 1.0 / jnp.asarray(ddim_eps_gain(self.plan) ** 2, jnp.float32)[i]
+    if self.cfg.loss_norm == "running":
+      prev, cur = state["loss_scale"][i], jax.lax.stop_gradient(mse)
+      d = self.cfg.loss_norm_decay
+      return jnp.where(prev > 0, d * prev + (1 - d) * cur, cur)
+    return jnp.float32(1.0)
+
+  def _group_norms(self, grads, updates) -> dict:
+    """Per learning-rate group: global norm of the gradient and of the applied update (diagnostics only)."""
+    out = {}
+    for g in sorted(set(self._groups.values())):
+      keys = [k for k in grads if self._groups[k] == g]
+      out[f"grad_norm_{g}"] = optax.tree.norm({k: grads[k] for k in keys})
+      out[f"update_norm_{g}"] = optax.tree.norm({k: updates[k] for k in keys})
+    return out
 
   def merged_quant(self, state, frozen) -> dict:
     """The full `quant` collection (trained, tied, discrete and frozen variables)."""

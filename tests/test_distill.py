@@ -139,3 +139,93 @@ def test_loss_terms_and_config_from_a_config_block():
   assert cfg.trajectories == 3
   with pytest.raises(ValueError, match="Unknown distillation settings \\['trajectorie'\\]"):
     distill.DistillConfig.from_config(dict(trajectorie=3))
+
+
+def test_default_loop_is_wave_1s():
+  """The remedies are off by default: no extra state, no clipping, teacher forcing, the raw sum MSE."""
+  cfg = distill.DistillConfig()
+  assert (cfg.loss_norm, cfg.grad_clip, cfg.trajectory) == ("none", 0.0, "fp")
+  with pytest.raises(ValueError, match="loss_norm"):
+    distill.DistillConfig(loss_norm="max")
+  with pytest.raises(ValueError, match="trajectory"):
+    distill.DistillConfig(trajectory="ddpm")
+  with pytest.raises(ValueError, match="grad_clip"):
+    distill.DistillConfig(grad_clip=-1.0)
+
+
+def test_grad_clip_feeds_adam_the_clipped_gradient():
+  """Adam's first moment after one update is (1 - b1) g: with grad_clip, g is rescaled to the clip norm first."""
+  g = {"a": jnp.full((3,), 10.0), "b": jnp.full((4,), -5.0)}
+  norm = float(np.sqrt(3 * 100 + 4 * 25))
+  lrs = {"a": 1e-3, "b": 1e-3}
+  for clip, scale in ((0.0, 1.0), (1.0, 1.0 / norm), (1e6, 1.0)):
+    opt = distill.make_optimizer(lrs, distill.DistillConfig(grad_clip=clip), total_steps=10)
+    params = {k: jnp.ones_like(v) for k, v in g.items()}
+    _, st = opt.update(g, opt.init(params), params)
+    mu = (st[1] if clip else st)[0].mu  # chain(clip, the adamw chain) or the adamw chain
+    for k in g:
+      np.testing.assert_allclose(mu[k], 0.1 * scale * np.asarray(g[k]), rtol=1e-5, err_msg=f"{clip} {k}")
+
+
+def test_loss_norm_divides_the_differentiated_mse(setup):
+  """Step 0 (same state): the gradient norm of 'mean' is that of 'none' / element count, of 'running' / the MSE;
+  the running scale is the per-position EMA of the logged MSE over trajectories (first visit: the MSE itself)."""
+  mesh = parallel.make_mesh(1)
+  _, (m_none,) = run_steps(*make(setup, trd_weight=0.0), 1, mesh)
+  _, (m_mean,) = run_steps(*make(setup, trd_weight=0.0, loss_norm="mean"), 1, mesh)
+  state, ms = run_steps(*make(setup, trd_weight=0.0, loss_norm="running", loss_norm_decay=0.75), 8, mesh)
+  _, (m_x,) = run_steps(*make(setup, trd_weight=0.0, loss_norm="x_prev"), 1, mesh)
+  gain = distill.ddim_eps_gain(setup[2])
+  np.testing.assert_allclose(m_x["grad_norm"], m_none["grad_norm"] * gain[0] ** 2, rtol=1e-4)
+  np.testing.assert_allclose(m_mean["grad_norm"] * 8 * 32 * 32, m_none["grad_norm"], rtol=1e-4)
+  np.testing.assert_allclose(ms[0]["grad_norm"] * ms[0]["mse"], m_none["grad_norm"], rtol=1e-4)
+  assert m_mean["mse"] == m_none["mse"] == ms[0]["mse"]  # the logged MSE stays the raw sum
+  mse = np.array([m["mse"] for m in ms]).reshape(2, 4)
+  np.testing.assert_allclose(state["loss_scale"], 0.75 * mse[0] + 0.25 * mse[1], rtol=1e-5)
+
+
+def test_quant_trajectory_advances_x_with_the_quantized_output(setup):
+  """trajectory='quant': x_1 = DDIM(x_T, quantized guided output before the update); 'fp': the FP output."""
+  cfg, params, plan, table, quant = setup
+  mesh = parallel.make_mesh(1)
+  d, state, frozen, _ = make(setup, trajectory="quant")
+  x_T, y = d.trajectory_inputs(0)
+  s_q, _ = run_steps(d, state, frozen, params, 1, mesh)
+  s_fp, _ = run_steps(*make(setup), 1, mesh)
+  t = jnp.full((8,), int(plan.model_timesteps[0]))
+  ctx = plan_lib.StepContext(0)
+  fp, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg)), {"params": params}, {}, x_T, t, y, ctx, 1.5, 10)
+  q, _ = sampler.guided(dit.model_fn(dit.DiT(config=cfg, specs=table)), {"params": params, "quant": quant}, {},
+                        x_T, t, y, ctx, 1.5, 10)
+  ddim = lambda out: np.asarray(sampler.denoise_step(plan.schedule, "ddim", 0.0, out, jnp.asarray(x_T),
+                                                     plan.steps[0], jnp.zeros_like(x_T)))
+  np.testing.assert_allclose(s_q["x"], ddim(q), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(s_fp["x"], ddim(fp), rtol=1e-4, atol=1e-5)
+  assert np.abs(ddim(q) - ddim(fp)).max() > 1e-3  # the two modes differ here
+  assert "loss_scale" not in s_fp
+
+
+def test_ddim_eps_gain_is_the_derivative_of_the_ddim_step(setup):
+  """Independent reference: jvp of sampler.denoise_step along the eps channels, at every plan position."""
+  plan = setup[2]
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+  out = jax.random.normal(jax.random.key(1), (2, 4, 4, 2))
+  direction = jnp.concatenate([jnp.ones_like(x), jnp.zeros_like(x)], -1)
+  for i, t in enumerate(plan.steps):
+    step = lambda o: sampler.denoise_step(plan.schedule, "ddim", 0.0, o, x, t, jnp.zeros_like(x))
+    _, dx = jax.jvp(step, (out,), (direction,))
+    np.testing.assert_allclose(np.asarray(dx), distill.ddim_eps_gain(plan)[i], rtol=1e-4, err_msg=str(i))
+
+
+def test_branch_loss_is_the_eps_error_of_the_uncombined_rows(setup):
+  """loss_on='branches': sum of the squared eps error over the cond and uncond rows of the CFG batch."""
+  d, state, frozen, params = make(setup, trd_weight=0.0, loss_on="branches")
+  cfg, _, plan, table, quant = setup
+  x_T, y = d.trajectory_inputs(0)
+  _, (m,) = run_steps(d, state, frozen, params, 1, parallel.make_mesh(1))
+  t = jnp.full((8,), int(plan.model_timesteps[0]))
+  batch = sampler.cfg_batch(jnp.asarray(x_T), t, jnp.asarray(y), 10)
+  fp = dit.DiT(config=cfg).apply({"params": params}, *batch)
+  q = dit.DiT(config=cfg, specs=table).apply({"params": params, "quant": quant}, *batch,
+                                             ctx=plan_lib.StepContext(0))
+  np.testing.assert_allclose(m["mse"], np.sum((np.asarray(q) - np.asarray(fp))[..., :1] ** 2), rtol=1e-4)

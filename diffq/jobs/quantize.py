@@ -215,7 +215,8 @@ def run(config, workdir: str) -> dict:
   pv_keys = () if config.quant.weight == "vq" else distill.PV_KEYS  # wave-1 records have none
   distill_settings = dict(calib_settings, grad=config.quant.grad,
                           distill={k: v for k, v in config.distill.to_dict().items()
-                                   if k not in loop.LOOP_KEYS + pv_keys})
+                                   if k not in loop.LOOP_KEYS + pv_keys
+                                   and not (k in distill.REMEDY_DEFAULTS and v == distill.REMEDY_DEFAULTS[k])})
   export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
   check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
                                     distillation=distill_settings if distiller is not None else None))

@@ -26,7 +26,8 @@ GRID = {(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)}  # settings the grid ran: their 
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
              labels={"setting": "FP", "act": "float"})]
-RUNS += [dict(name=f"w{w}a{a}_{m}_{name}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act={spec['act']}",
+RUNS += [dict(name=f"w{w}a{a}_{m}_{name}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act={spec['act']}"
+                     + (",loop=wave1" if m != "uniform" else ""),  # wave 1's distillation loop
               overrides={"sample.num_samples": 5000, "sample.seed": 0, **spec.get("overrides", {})},
               labels={"setting": f"W{w}A{a}", "method": m, "act": name},
               **({"workdir": f"quant_grid/w{w}a{a}_{m}"} if name == "static" and (w, a) in GRID else {}))

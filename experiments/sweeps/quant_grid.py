@@ -14,7 +14,8 @@ METHODS = {"uniform": "uniform PTQ", "efficientdm": "EfficientDM-style", "omq": 
 SETTINGS = ((2, 4), (3, 4), (4, 4), (4, 8), (8, 8))
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0")]
-RUNS += [dict(name=f"w{w}a{a}_{m}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act=static",
+RUNS += [dict(name=f"w{w}a{a}_{m}", config=f"configs/dit_w2a4.py:w={w},a={a},method={m},act=static"
+                     + (",loop=wave1" if m != "uniform" else ""),  # wave 1's distillation loop
               overrides={"sample.num_samples": 5000, "sample.seed": 0},
               labels={"setting": f"W{w}A{a}", "method": METHODS[m]})
          for w, a in SETTINGS for m in METHODS if not (w == 8 and m in ("omq", "mpqdm"))]  # OMQ: w_bits <= 7

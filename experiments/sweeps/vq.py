@@ -14,11 +14,12 @@ LINES = [dict(x="setting", y="fid", group="method", reference="fp", log_y=True)]
 PROTOCOL = {"sample.num_samples": 5000, "sample.seed": 0}
 # experiments/vq_allocate.py's greedy allocation at 2.0 average code bits (experiments/results/vq_allocation.md)
 LAQ_W2 = "adaLN_modulation=1x8g8,attn/qkv=2x8g8,attn/proj=3x8g8,mlp/fc1=3x8g8,mlp/fc2=2x8g8"
-GRID = {(4, 8)}  # scalar settings experiments/sweeps/quant_grid.py ran: reuse its runs
+GRID = {(4, 8)}  # scalar settings experiments/sweeps/quant_grid.py ran (wave 1's loop): reuse its runs
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
              labels={"setting": "FP", "method": "float"})]
-RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static", overrides=PROTOCOL,
+RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static"
+                     + (",loop=wave1" if (w, 8) in GRID and m != "uniform" else ""), overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": m},
               **({"workdir": f"quant_grid/w{w}a8_{m}"} if (w, 8) in GRID else {}))
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
@@ -26,6 +27,8 @@ RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", override
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
 RUNS += [dict(name="w2a8_vq_pv", config="configs/dit_vq.py:w=2,a=8,pv", overrides=PROTOCOL,
               labels={"setting": "W2A8", "method": "vq_pv"}),
+         dict(name="w2a8_vq_pv_wave1", config="configs/dit_vq.py:w=2,a=8,pv,loop=wave1", overrides=PROTOCOL,
+              labels={"setting": "W2A8", "method": "vq_pv_wave1"}),
          dict(name="w2a8_vq_kmeans16k", config="configs/dit_vq.py:w=2,a=8",  # the k-means start before AQLM's
               overrides={**PROTOCOL, "quant.vq.kmeans_points": 16384, "quant.vq.kmeans_tol": 0.001},
               labels={"setting": "W2A8", "method": "vq_kmeans16k"}),
@@ -36,7 +39,7 @@ RUNS += [dict(name="w2a8_vq_pv", config="configs/dit_vq.py:w=2,a=8,pv", override
 RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
               overrides={**PROTOCOL, "quant.vq.share": share}, labels={"setting": "W2A8", "method": f"vq_{share}"})
          for share in ("none", "all")]
-RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff,loop=wave1",
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"}, workdir="modiff/w2a4_mpqdm_rotate_modiff_static",
               labels={"setting": "W2A4", "method": "mpqdm"}),
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
