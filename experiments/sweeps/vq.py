@@ -20,7 +20,7 @@ RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workd
              labels={"setting": "FP", "method": "float"})]
 RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static"
                      + (",loop=wave1" if (w, 8) in GRID and m != "uniform" else ""), overrides=PROTOCOL,
-              labels={"setting": f"W{w}A8", "method": m},
+              labels={"setting": f"W{w}A8", "method": m + ("_wave1" if (w, 8) in GRID and m != "uniform" else "")},
               **({"workdir": f"quant_grid/w{w}a8_{m}"} if (w, 8) in GRID else {}))
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
 RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
@@ -41,6 +41,9 @@ RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
          for share in ("none", "all")]
 RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff,loop=wave1",
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"}, workdir="modiff/w2a4_mpqdm_rotate_modiff_static",
+              labels={"setting": "W2A4", "method": "mpqdm_wave1"}),
+         dict(name="w2a4_mpqdm_rotate_modiff_fixed", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+              overrides={**PROTOCOL, "quant.modiff.quantizer": "static"},  # the main command on the fixed loop
               labels={"setting": "W2A4", "method": "mpqdm"}),
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
               labels={"setting": "W2A4", "method": "vq"})]
