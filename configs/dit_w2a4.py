@@ -94,7 +94,8 @@ def get_config(arg=None):
                    trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50,
                    # PV-tuning of VQ weights (method=vq_pv): P-step Adam lr, V-step target lr, fraction of code
                    # groups re-encoded per step, its L2 beam, selective momentum invalidation none|boundary|code_change
-                   vq_lr=3e-4, code_lr=1e-2, max_code_change=0.01, code_beam=5, semi="none",
+                   # (vq_lamb: LAMB trust ratio, the lrs are relative steps, as in AQLM's recipe)
+                   vq_lr=3e-4, code_lr=1e-2, vq_lamb=True, max_code_change=0.01, code_beam=5, semi="none",
                    # loss_norm none | mean | running | x_prev (per-position eps-MSE weight), grad_clip (0 = off)
                    loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0,
                    **LOOPS[arg.loop])

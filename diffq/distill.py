@@ -63,7 +63,7 @@ TRD_GRADS = ("current", "none")
 # the P-step leaves (codebooks, scales) at every trajectory start, where the stream jumps from t -> 0 back to t = T;
 # 'code_change' zeroes both moments of the straight-through target entries of every group whose codes changed.
 SEMI = ("none", "boundary", "code_change")
-PV_KEYS = ("vq_lr", "code_lr", "max_code_change", "code_beam", "semi")  # DistillConfig's PV-tuning settings
+PV_KEYS = ("vq_lr", "code_lr", "vq_lamb", "max_code_change", "code_beam", "semi")  # DistillConfig's PV-tuning settings
 VQ_GROUPS = ("vq", "vq_target")  # learning-rate groups of the VQ parts (their own Adam, no weight decay)
 LOSS_NORMS = ("none", "mean", "running", "x_prev")
 TRAJECTORIES = ("fp", "quant")
@@ -89,6 +89,7 @@ class DistillConfig:
   # PV-tuning of additive-VQ weights (AQLM's recipe unless noted; used only by VQ layers that train):
   vq_lr: float = 3e-4               # P-step: Adam (0.9, 0.95) on codebooks and scales
   code_lr: float = 1e-2             # V-step: Adam (0, 0.95) on the straight-through targets
+  vq_lamb: bool = True              # LAMB (AQLM's `--lamb`): each VQ leaf's step is lr x its norm, not lr per entry
   max_code_change: float = 0.01     # fraction of code groups re-encoded per step (the farthest from the target)
   code_beam: int = 5                # L2 beam width of the re-encoding
   semi: str = "none"                # selective momentum invalidation: none | boundary | code_change
@@ -191,8 +192,9 @@ def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int, groups: dict
                    ) -> optax.GradientTransformation:
   """torch AdamW (decoupled decay, eps 1e-8) with per-leaf lrs and a linear decay to 0 over `total_steps`. Leaves
   of the VQ groups (`groups`: {key: group}) take PV-tuning's Adam instead, without weight decay: (0.9, 0.95) on
-  codebooks and scales, (0, 0.95) on the straight-through targets. `grad_clip` > 0 clips the raw gradient's global
-  norm (over all leaves) first."""
+  codebooks and scales, (0, 0.95) on the straight-through targets; with `vq_lamb` each such leaf's Adam direction
+  is rescaled to norm ||leaf|| before its lr (LAMB's trust ratio, as AQLM's PV recipe runs), so the lr is a
+  relative step. `grad_clip` > 0 clips the raw gradient's global norm (over all leaves) first."""
   def scale_by_leaf_lr():
     return optax.GradientTransformation(lambda _: optax.EmptyState(),
                                         lambda u, s, p=None: ({k: v if isinstance(v, optax.MaskedNode) else
@@ -202,7 +204,8 @@ def make_optimizer(lrs: dict, cfg: DistillConfig, total_steps: int, groups: dict
                       decay, scale_by_leaf_lr())
   labels = {k: g if g in VQ_GROUPS else "adamw" for k, g in (groups or {}).items()}
   if set(labels.values()) & set(VQ_GROUPS):
-    pv = lambda b1: optax.chain(optax.scale_by_adam(b1=b1, b2=0.95, eps=1e-8), decay, scale_by_leaf_lr())
+    lamb = (optax.scale_by_trust_ratio(),) if cfg.vq_lamb else ()
+    pv = lambda b1: optax.chain(optax.scale_by_adam(b1=b1, b2=0.95, eps=1e-8), *lamb, decay, scale_by_leaf_lr())
     adamw = optax.multi_transform({"adamw": adamw, "vq": pv(0.9), "vq_target": pv(0.0)}, labels)
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
 

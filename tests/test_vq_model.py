@@ -182,3 +182,18 @@ def test_momentum_invalidation_zeroes_the_chosen_moments():
   cut = distill.zero_moments(st, {"b"}, ("mu", "nu"), mask)
   nu_b = np.asarray(adam(cut, "b").nu["b"])
   assert nu_b[0, 0] == 0 and np.all(nu_b.reshape(-1)[1:] > 0)
+
+
+def test_pv_lamb_step_is_lr_times_the_leaf_norm():
+  """AQLM's --lamb: a VQ leaf's update has norm lr x ||leaf|| (any gradient scale); plain Adam moves ~lr per entry."""
+  from diffq import distill
+  params = {"a": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.full((4,), 0.01)}
+  grads = {"a": jnp.array([[1e3, -2e3, 5.0], [0.1, 7.0, -3.0]]), "b": jnp.array([1e-4, -2e-4, 3e-4, 1e-4])}
+  lrs = {"a": 1e-2, "b": 3e-4}
+  for lamb in (True, False):
+    opt = distill.make_optimizer(lrs, distill.DistillConfig(vq_lamb=lamb), 10, {"a": "vq_target", "b": "vq"})
+    upd, _ = opt.update(grads, opt.init(params), params)
+    for k in params:
+      norm = float(np.linalg.norm(np.asarray(upd[k])))
+      want = lrs[k] * float(np.linalg.norm(np.asarray(params[k]))) if lamb else lrs[k] * np.sqrt(params[k].size)
+      np.testing.assert_allclose(norm, want, rtol=1e-3, err_msg=f"lamb={lamb} {k}")
