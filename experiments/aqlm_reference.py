@@ -60,9 +60,9 @@ def rel_err(kernel, kernel_hat, h64) -> float:
   return float(np.sum(d * (h64 @ d)) / np.sum(kernel * (h64 @ kernel)))
 
 
-def run_aqlm(aq_engine, torch, kernel, h32, setting, a) -> dict:
+def run_aqlm(aq_engine, torch, kernel, h32, setting, a, seed: int) -> dict:
   m, bits, g, beam = setting
-  torch.manual_seed(0), random.seed(0)
+  torch.manual_seed(seed), random.seed(seed)
   layer = torch.nn.Linear(N_IN, N_OUT, bias=False)
   with torch.no_grad():
     layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
@@ -98,14 +98,15 @@ def run_aqlm(aq_engine, torch, kernel, h32, setting, a) -> dict:
               init=seen["losses"][0], losses=seen["losses"])
 
 
-def run_diffq(vq, jax, kernel, h32, setting, a) -> list[dict]:
+def run_diffq(vq, jax, kernel, h32, setting, a, seed: int) -> list[dict]:
+  """Seed 0: a cold (compiling) and a warm run; other seeds: one run (the spread of the fit's randomness)."""
   m, bits, g, beam = setting
   rows = []
-  for tag in ("cold", "warm"):
+  for tag in (("cold", "warm") if seed == 0 else (f"seed {seed}",)):
     t0 = time.perf_counter()
     w, info = vq.quantize_weight(kernel, h32, num_codebooks=m, codebook_bits=bits, group_size=g, beam_size=beam,
                                  steps_per_epoch=a.steps_per_epoch, lr=a.lr, max_epochs=a.max_epochs,
-                                 tolerance=a.tolerance, seed=0)
+                                 tolerance=a.tolerance, seed=seed)
     w_hat = np.asarray(jax.block_until_ready(vq.dequantize(w)))
     seconds = time.perf_counter() - t0
     losses = info.get("losses") or [float("nan")]
@@ -122,6 +123,7 @@ def main() -> None:
   ap.add_argument("--steps_per_epoch", type=int, default=100)
   ap.add_argument("--tolerance", type=float, default=0.01)
   ap.add_argument("--lr", type=float, default=1e-4)
+  ap.add_argument("--seeds", default="0", help="comma-separated fit seeds (k-means starts, beam-search orders)")
   ap.add_argument("--aqlm_dir", default="/work/aqlm_ref")
   ap.add_argument("--out", default="experiments/results/aqlm_reference.md")
   a = ap.parse_args()
@@ -152,13 +154,15 @@ def main() -> None:
 
   results = []
   for name, setting in settings.items():
-    if a.side in ("both", "aqlm"):
-      results.append(dict(setting=name, side="AQLM", **run_aqlm(aq_engine, torch, kernel, h32, setting, a)))
-      print(results[-1], flush=True)
-    if a.side in ("both", "diffq"):
-      for r in run_diffq(vq, jax, kernel, h32, setting, a):
-        results.append(dict(setting=name, **r))
+    for seed in map(int, a.seeds.split(",")):
+      if a.side in ("both", "aqlm"):
+        results.append(dict(setting=name, side="AQLM" if seed == 0 else f"AQLM seed {seed}",
+                            **run_aqlm(aq_engine, torch, kernel, h32, setting, a, seed)))
         print(results[-1], flush=True)
+      if a.side in ("both", "diffq"):
+        for r in run_diffq(vq, jax, kernel, h32, setting, a, seed):
+          results.append(dict(setting=name, **r))
+          print(results[-1], flush=True)
 
   ref = {r["setting"]: r for r in results if r["side"] == "AQLM"}
   lines = ["# diffq VQ vs the official AQLM on one synthetic layer", "", *header, "",
