@@ -50,4 +50,6 @@ RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.p
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"},  # the main command on the fixed loop
               labels={"setting": "W2A4", "method": "mpqdm"}),
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
-              labels={"setting": "W2A4", "method": "vq"})]
+              labels={"setting": "W2A4", "method": "vq"}),
+         dict(name="w2a4_vq_pv_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff,pv",
+              overrides=PROTOCOL, labels={"setting": "W2A4", "method": "vq_pv"})]
