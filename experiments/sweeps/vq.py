@@ -25,9 +25,9 @@ RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method=
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
 RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
-RUNS += [dict(name="w2a8_vq_pv", config="configs/dit_vq.py:w=2,a=8,pv", overrides=PROTOCOL,
-              labels={"setting": "W2A8", "method": "vq_pv"}),
-         dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
+RUNS += [dict(name=f"w{w}a8_vq_pv", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides=PROTOCOL,
+              labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (3, 2)]
+RUNS += [dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
               overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W2A8", "method": "vq_pv_t150"}),
          dict(name="w2a8_vq_pv_adam", config="configs/dit_vq.py:w=2,a=8,pv",  # plain Adam steps (no LAMB)
               overrides={**PROTOCOL, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_adam"}),
