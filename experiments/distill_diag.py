@@ -1,10 +1,11 @@
 """Why distillation can hurt: the loop's per-position loss / gradient profile and held-out error while it trains.
 
-  python experiments/distill_diag.py --w 3 --a 4 --name w3a4_default [--set a_quant_lr=0,grad_clip=1] \
-      [--trajectories 150] [--eval_every 25] [--images 50]
+  python experiments/distill_diag.py --name w3a4_default [--config=dit_w2a4:w=3,a=4,method=efficientdm,act=static] \
+      [--set a_quant_lr=0,grad_clip=1] [--trajectories 150] [--eval_every 25] [--images 50]
+  python experiments/distill_diag.py --name w3a8_pv --config=dit_vq:w=3,a=8,pv --trajectories 50 --eval_every 10
 
-Runs the quantize job's calibration and `diffq.distill` loop in process (configs/dit_w2a4.py, method=efficientdm,
-act=static, overrides of config.distill from --set) and records
+Runs the quantize job's calibration (VQ fit included) and `diffq.distill` loop in process (a quantize config from
+configs/, overrides of config.distill from --set) and records
   * per optimiser step: mse, grad_norm and per learning-rate group gradient / update norms, by trajectory position;
   * every --eval_every trajectories, on held-out images (seed 2000, not the loop's or the calibration's):
     teacher-forced relative eps error on the FP trajectory (`tf`), the same on the quantized model's own
@@ -15,8 +16,10 @@ Writes runs/diag/<name>.json and prints a summary.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -28,7 +31,6 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import dit_w2a4  # noqa: E402
 from diffq import distill, parallel, sampler  # noqa: E402
 from diffq.jobs import quantize, sample  # noqa: E402
 from diffq.models import dit  # noqa: E402
@@ -49,8 +51,8 @@ def parse_set(text: str) -> dict:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--w", type=int, default=3)
-  p.add_argument("--a", type=int, default=4)
+  p.add_argument("--config", default="dit_w2a4:w=3,a=4,method=efficientdm,act=static",
+                 help="configs/<module>:<arg> of a distilling quantize config")
   p.add_argument("--name", required=True)
   p.add_argument("--set", default="", help="config.distill overrides, k=v,...")
   p.add_argument("--trajectories", type=int, default=150)
@@ -59,7 +61,8 @@ def main():
   p.add_argument("--stop_after", type=int, default=0, help="stop after this many trajectories (0: all), same "
                  "lr schedule")
   args = p.parse_args()
-  config = dit_w2a4.get_config(f"w={args.w},a={args.a},method=efficientdm,act=static")
+  module, _, config_arg = args.config.partition(":")
+  config = importlib.import_module(f"configs.{module}").get_config(config_arg)
   config.distill.trajectories = args.trajectories
   for k, v in parse_set(args.set).items():
     config.distill[k] = v
@@ -67,7 +70,7 @@ def main():
   plan = quantize.check_settings(config, mesh)
   table = rules.quant_table(config.quant, len(plan.steps))
   model_cfg, params = sample.load_dit(os.path.join(ROOT, config.params))
-  calib_dir = os.path.join(ROOT, "runs", "diag", f"calib_w{args.w}a{args.a}")
+  calib_dir = os.path.join(ROOT, "runs", "diag", "calib_" + re.sub(r"[^A-Za-z0-9=]+", "_", args.config))
   quant, _ = quantize.calibrated_quant(config, model_cfg, params, table, plan, mesh, calib_dir, {})
   s = config.sample
   d = distill.Distiller(model_cfg, plan, table, quantize.distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,

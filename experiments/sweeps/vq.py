@@ -27,6 +27,11 @@ RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", override
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
 RUNS += [dict(name=f"w{w}a8_vq_pv", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (3, 2)]
+# PV-tuning weighted by each step's effect on x_{t-1} (the unweighted eps MSE of the last step, 50x the others,
+# steers it), the activation quantizers frozen and a third of the step sizes (experiments/results/pv_diag.md)
+PV_XPREV = {"distill.loss_norm": "x_prev", "distill.a_quant_lr": 0.0, "distill.code_lr": 0.003, "distill.vq_lr": 0.0001}
+RUNS += [dict(name=f"w{w}a8_vq_pv_xprev", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides={**PROTOCOL, **PV_XPREV},
+              labels={"setting": f"W{w}A8", "method": "vq_pv_xprev"}) for w in (4, 3, 2)]
 RUNS += [dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
               overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W2A8", "method": "vq_pv_t150"}),
          dict(name="w2a8_vq_pv_adam", config="configs/dit_vq.py:w=2,a=8,pv",  # plain Adam steps (no LAMB)
