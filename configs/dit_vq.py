@@ -12,9 +12,11 @@ Every body layer's weight (W x 8 bits per group of 8 inputs, codebooks shared pe
 k-means, then Adam on codebooks and scales alternating with a beam search over the codes (`quant.vq`: beam_size,
 steps_per_epoch, lr, max_epochs, tolerance). Embedders and the final layer stay W8A8 (`quant.keep_8bit`). The
 activation part is that of configs/dit_w2a4.py (`act=`); A8 defaults to the static per-step quantizer.
-`pv` fine-tunes on the distillation loop (diffq/distill.py): Adam on codebooks and scales, and after every
-update the 1% of code groups farthest from their straight-through targets re-encoded (`distill.vq_lr`,
-`code_lr`, `max_code_change`, `code_beam`, `semi`); `loop=` as in configs/dit_w2a4.py.
+`pv` fine-tunes on the distillation loop (diffq/distill.py): LAMB-scaled Adam on codebooks and scales, and after
+every update the 1% of code groups farthest from their straight-through targets re-encoded (`distill.vq_lr`,
+`code_lr`, `max_code_change`, `code_beam`, `semi`); its eps MSE is weighted per step by d x_{t-1} / d eps
+(`distill.loss_norm=x_prev`) and 8-bit activation quantizers stay frozen (experiments/results/pv_diag.md);
+`loop=` as in configs/dit_w2a4.py.
 """
 from configs import dit_w2a4
 

@@ -89,17 +89,21 @@ def get_config(arg=None):
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
   c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
   # MPQ-DM's released recipe except the length (16,000 steps there) and the loop (`loop=`); 0 trajectories = PTQ.
+  # PV-tuning (method=vq_pv) runs AQLM's LAMB steps at a third of their size with the eps MSE weighted by each
+  # step's effect on x_{t-1}, 8-bit activation quantizers frozen (experiments/results/pv_diag.md).
+  pv = bool(m.get("pv"))
   c.distill = dict(images=4, seed=3407, lora_lr_divisor=2500.0,
-                   w_quant_lr=1e-6, a_quant_lr=5e-4, weight_decay=0.01, trd_weight=100.0 if m["trd"] else 0.0,
+                   w_quant_lr=1e-6, a_quant_lr=0.0 if pv and arg.a == 8 else 5e-4, weight_decay=0.01,
+                   trd_weight=100.0 if m["trd"] else 0.0,
                    trd_window=2, trd_grad="current", checkpoint_every=500, keep_checkpoints=2, log_every=50,
                    # PV-tuning of VQ weights (method=vq_pv): P-step Adam lr, V-step target lr, fraction of code
                    # groups re-encoded per step, its L2 beam, selective momentum invalidation none|boundary|code_change
                    # (vq_lamb: LAMB trust ratio, the lrs are relative steps, as in AQLM's recipe)
-                   vq_lr=3e-4, code_lr=1e-2, vq_lamb=True, max_code_change=0.01, code_beam=5, semi="none",
+                   vq_lr=1e-4, code_lr=3e-3, vq_lamb=True, max_code_change=0.01, code_beam=5, semi="none",
                    # loss_norm none | mean | running | x_prev (per-position eps-MSE weight), grad_clip (0 = off)
-                   loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0,
+                   loss_norm="x_prev" if pv else "none", loss_norm_decay=0.9, grad_clip=0.0,
                    **LOOPS[arg.loop])
-  if not (m["lora"] or m.get("pv")):
+  if not (m["lora"] or pv):
     c.distill.trajectories = 0
   c.sample = sample_config.get_config("quick" if arg.quick else None)
   for k in ("job", "params", "num_devices", "distributed"):

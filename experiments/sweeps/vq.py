@@ -25,19 +25,19 @@ RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method=
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
 RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
-RUNS += [dict(name=f"w{w}a8_vq_pv", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides=PROTOCOL,
-              labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (3, 2)]
-# PV-tuning weighted by each step's effect on x_{t-1} (the unweighted eps MSE of the last step, 50x the others,
-# steers it), the activation quantizers frozen and a third of the step sizes (experiments/results/pv_diag.md)
-PV_XPREV = {"distill.loss_norm": "x_prev", "distill.a_quant_lr": 0.0, "distill.code_lr": 0.003, "distill.vq_lr": 0.0001}
-RUNS += [dict(name=f"w{w}a8_vq_pv_xprev", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides={**PROTOCOL, **PV_XPREV},
-              labels={"setting": f"W{w}A8", "method": "vq_pv_xprev"}) for w in (4, 3, 2)]
+# PV-tuning as AQLM's LLM recipe runs it (LAMB lrs 3e-4 / 1e-2, unweighted eps MSE, activation quantizers training),
+# before experiments/results/pv_diag.md found the last step steering it and the steps too large at W3
+PV_AQLM = {"distill.vq_lr": 3e-4, "distill.code_lr": 1e-2, "distill.loss_norm": "none", "distill.a_quant_lr": 5e-4}
+RUNS += [dict(name=f"w{w}a8_vq_pv", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides={**PROTOCOL, **PV_AQLM},
+              labels={"setting": f"W{w}A8", "method": "vq_pv_aqlm"}) for w in (3, 2)]
+RUNS += [dict(name=f"w{w}a8_vq_pv_xprev", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides=PROTOCOL,  # the default
+              labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (4, 3, 2)]
 RUNS += [dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
               overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W2A8", "method": "vq_pv_t150"}),
          dict(name="w2a8_vq_pv_adam", config="configs/dit_vq.py:w=2,a=8,pv",  # plain Adam steps (no LAMB)
-              overrides={**PROTOCOL, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_adam"}),
+              overrides={**PROTOCOL, **PV_AQLM, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_adam"}),
          dict(name="w2a8_vq_pv_wave1", config="configs/dit_vq.py:w=2,a=8,pv,loop=wave1",
-              overrides={**PROTOCOL, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_wave1"}),
+              overrides={**PROTOCOL, **PV_AQLM, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_wave1"}),
          dict(name="w2a8_vq_kmeans16k", config="configs/dit_vq.py:w=2,a=8",  # the k-means start before AQLM's
               overrides={**PROTOCOL, "quant.vq.kmeans_points": 16384, "quant.vq.kmeans_tol": 0.001},
               labels={"setting": "W2A8", "method": "vq_kmeans16k"}),
@@ -57,4 +57,4 @@ RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.p
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
               labels={"setting": "W2A4", "method": "vq"}),
          dict(name="w2a4_vq_pv_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff,pv",
-              overrides=PROTOCOL, labels={"setting": "W2A4", "method": "vq_pv"})]
+              overrides={**PROTOCOL, **PV_AQLM}, labels={"setting": "W2A4", "method": "vq_pv_aqlm"})]
