@@ -18,11 +18,13 @@ GRID = {(4, 8)}  # scalar settings experiments/sweeps/quant_grid.py ran (wave 1'
 
 RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workdir="fp_seeds/fp_seed0",
              labels={"setting": "FP", "method": "float"})]
+# uniform PTQ has no loop: it runs here, so its metrics carry bits_per_weight_total
 RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static"
-                     + (",loop=wave1" if (w, 8) in GRID and m != "uniform" else ""), overrides=PROTOCOL,
-              labels={"setting": f"W{w}A8", "method": m + ("_wave1" if (w, 8) in GRID and m != "uniform" else "")},
-              **({"workdir": f"quant_grid/w{w}a8_{m}"} if (w, 8) in GRID else {}))
-         for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")]
+                     + (",loop=wave1" if reuse else ""), overrides=PROTOCOL,
+              labels={"setting": f"W{w}A8", "method": m + ("_wave1" if reuse else "")},
+              **({"workdir": f"quant_grid/w{w}a8_{m}"} if reuse else {}))
+         for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")
+         for reuse in [(w, 8) in GRID and m != "uniform"]]
 RUNS += [dict(name=f"w{w}a8_vq", config=f"configs/dit_vq.py:w={w},a=8", overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": "vq"}) for w in (4, 3, 2)]
 # PV-tuning as AQLM's LLM recipe runs it (LAMB lrs 3e-4 / 1e-2, unweighted eps MSE, activation quantizers training),
@@ -57,4 +59,6 @@ RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.p
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
               labels={"setting": "W2A4", "method": "vq"}),
          dict(name="w2a4_vq_pv_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff,pv",
-              overrides={**PROTOCOL, **PV_AQLM}, labels={"setting": "W2A4", "method": "vq_pv_aqlm"})]
+              overrides={**PROTOCOL, **PV_AQLM}, labels={"setting": "W2A4", "method": "vq_pv_aqlm"}),
+         dict(name="w2a4_vq_pv_xprev_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff,pv",
+              overrides=PROTOCOL, labels={"setting": "W2A4", "method": "vq_pv"})]  # the default PV recipe
