@@ -36,6 +36,11 @@ RUNS += [dict(name=f"w{w}a8_vq_pv_xprev", config=f"configs/dit_vq.py:w={w},a=8,p
               labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (4, 3, 2)]
 RUNS += [dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
               overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W2A8", "method": "vq_pv_t150"}),
+         dict(name="w4a8_vq_pv_t150", config="configs/dit_vq.py:w=4,a=8,pv",
+              overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W4A8", "method": "vq_pv_t150"}),
+         # static A8 alone costs sFID (W8A8 21.04 vs FP 20.3-20.6, experiments/results/modiff.md): MoDiff activations
+         dict(name="w4a8_vq_pv_modiff", config="configs/dit_vq.py:w=4,a=8,act=modiff,pv", overrides=PROTOCOL,
+              labels={"setting": "W4A8", "method": "vq_pv_modiff"}),
          dict(name="w2a8_vq_pv_adam", config="configs/dit_vq.py:w=2,a=8,pv",  # plain Adam steps (no LAMB)
               overrides={**PROTOCOL, **PV_AQLM, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_adam"}),
          dict(name="w2a8_vq_pv_wave1", config="configs/dit_vq.py:w=2,a=8,pv,loop=wave1",
