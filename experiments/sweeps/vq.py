@@ -61,6 +61,9 @@ RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.p
          dict(name="w2a4_mpqdm_rotate_modiff_fixed", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"},  # the main command on the fixed loop
               labels={"setting": "W2A4", "method": "mpqdm"}),
+         dict(name="w2a4_mpqdm_rotate_modiff_ptq", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+              overrides={**PROTOCOL, "distill.trajectories": 0},  # OMQ bits and calibration, no distillation
+              labels={"setting": "W2A4", "method": "mpqdm_ptq"}),
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
               labels={"setting": "W2A4", "method": "vq"}),
          dict(name="w2a4_vq_pv_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff,pv",
