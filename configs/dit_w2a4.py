@@ -16,9 +16,10 @@ Methods (`method=`; every field stays overridable with --config.quant.X / --conf
   vq           additive vector quantization of the weights (AQLM / AQUATIC-Diff; `quant.vq`, configs/dit_vq.py):
                w=M gives M codebooks of 2^8 codewords over groups of 8 inputs (M bits per weight before codebooks)
   vq_pv        vq + PV-tuning on the distillation loop (codebooks, scales and codes; AQUATIC-Diff's stage 2)
-Distillation loop (`loop=`, methods that train): fixed (default; 50 trajectories along the quantized model's own
-DDIM trajectory, the eps MSE on the conditional and unconditional rows apart: experiments/results/distill_fix.md)
-| wave1 (150 trajectories, teacher forcing on the FP trajectory, the MSE of the CFG-combined eps: wave 1's rows).
+Distillation loop (`loop=`, methods that train): fixed (the default except for mpqdm; 50 trajectories along the
+quantized model's own DDIM trajectory, the eps MSE on the conditional and unconditional rows apart:
+experiments/results/distill_fix.md) | wave1 (mpqdm's default; 150 trajectories, teacher forcing on the FP
+trajectory, the MSE of the CFG-combined eps: wave 1's rows).
 OMQ alone as PTQ: method=omq with --config.distill.trajectories=0. Embedders and the final layer stay W8A8
 without LoRA (`quant.keep_8bit`), as in MPQ-DM's boundary rule.
 
@@ -47,16 +48,20 @@ METHODS = {
 
 # The distillation loop (`loop=`): trajectory fp (teacher forcing) | quant (the student's own DDIM trajectory);
 # loss_on guided (eps MSE of the CFG-combined output) | branches (of the cond and uncond rows apart). "wave1" is
-# the loop of wave 1's results, "fixed" (default) the remedy of experiments/results/distill_fix.md.
+# the loop of wave 1's results, "fixed" the remedy of experiments/results/distill_fix.md (EfficientDM-style W3A4:
+# 17.89 vs 27.11 on wave1). The default is per method: MPQ-DM keeps wave1, which scores W2A4 (this file's main
+# command) 8.67 against 12.78 on the fixed loop and 30.76 as PTQ (experiments/results/vq.md).
 LOOPS = {"fixed": dict(trajectories=50, trajectory="quant", loss_on="branches"),
          "wave1": dict(trajectories=150, trajectory="fp", loss_on="guided")}
+DEFAULT_LOOP = {"mpqdm": "wave1"}  # method -> loop when `loop=` is not given; others: fixed
 
 ACTS = {"static": ("static", False), "dynamic": ("dynamic", False), "modiff": ("modiff", False),
         "rotate": ("static", True), "rotate_modiff": ("modiff", True)}  # act= -> (quant.act, quant.rotate)
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="rotate_modiff", loop="fixed", quick=False, xl2=False)
+  arg = configlib.parse_arg(arg, w=2, a=4, method="mpqdm", act="rotate_modiff", loop="", quick=False, xl2=False)
+  arg.loop = arg.loop or DEFAULT_LOOP.get(arg.method, "fixed")
   if arg.method not in METHODS:
     raise ValueError(f"Unknown method {arg.method!r}; choose one of {sorted(METHODS)}.")
   if arg.act not in ACTS:

@@ -20,7 +20,7 @@ RUNS = [dict(name="fp", config="configs/sample.py", overrides={"seed": 0}, workd
              labels={"setting": "FP", "method": "float"})]
 # uniform PTQ has no loop: it runs here, so its metrics carry bits_per_weight_total
 RUNS += [dict(name=f"w{w}a8_{m}", config=f"configs/dit_w2a4.py:w={w},a=8,method={m},act=static"
-                     + (",loop=wave1" if reuse else ""), overrides=PROTOCOL,
+                     + (",loop=wave1" if reuse else ",loop=fixed" if m == "mpqdm" else ""), overrides=PROTOCOL,
               labels={"setting": f"W{w}A8", "method": m + ("_wave1" if reuse else "")},
               **({"workdir": f"quant_grid/w{w}a8_{m}"} if reuse else {}))
          for w in (4, 3, 2) for m in ("uniform", "efficientdm", "mpqdm")
@@ -34,12 +34,8 @@ RUNS += [dict(name=f"w{w}a8_vq_pv", config=f"configs/dit_vq.py:w={w},a=8,pv", ov
               labels={"setting": f"W{w}A8", "method": "vq_pv_aqlm"}) for w in (3, 2)]
 RUNS += [dict(name=f"w{w}a8_vq_pv_xprev", config=f"configs/dit_vq.py:w={w},a=8,pv", overrides=PROTOCOL,  # the default
               labels={"setting": f"W{w}A8", "method": "vq_pv"}) for w in (4, 3, 2)]
-RUNS += [dict(name="w2a8_vq_pv_t150", config="configs/dit_vq.py:w=2,a=8,pv",  # 3x the default length
-              overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W2A8", "method": "vq_pv_t150"}),
-         dict(name="w4a8_vq_pv_t150", config="configs/dit_vq.py:w=4,a=8,pv",
-              overrides={**PROTOCOL, "distill.trajectories": 150}, labels={"setting": "W4A8", "method": "vq_pv_t150"}),
-         # static A8 alone costs sFID (W8A8 21.04 vs FP 20.3-20.6, experiments/results/modiff.md): MoDiff activations
-         dict(name="w4a8_vq_pv_modiff", config="configs/dit_vq.py:w=4,a=8,act=modiff,pv", overrides=PROTOCOL,
+# static A8 alone costs sFID (W8A8 21.04 vs FP 20.3-20.6, experiments/results/modiff.md): MoDiff activations
+RUNS += [dict(name="w4a8_vq_pv_modiff", config="configs/dit_vq.py:w=4,a=8,act=modiff,pv", overrides=PROTOCOL,
               labels={"setting": "W4A8", "method": "vq_pv_modiff"}),
          dict(name="w2a8_vq_pv_adam", config="configs/dit_vq.py:w=2,a=8,pv",  # plain Adam steps (no LAMB)
               overrides={**PROTOCOL, **PV_AQLM, "distill.vq_lamb": False}, labels={"setting": "W2A8", "method": "vq_pv_adam"}),
@@ -58,10 +54,10 @@ RUNS += [dict(name=f"w2a8_vq_share_{share}", config="configs/dit_vq.py:w=2,a=8",
 RUNS += [dict(name="w2a4_mpqdm_rotate_modiff_static", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff,loop=wave1",
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"}, workdir="modiff/w2a4_mpqdm_rotate_modiff_static",
               labels={"setting": "W2A4", "method": "mpqdm_wave1"}),
-         dict(name="w2a4_mpqdm_rotate_modiff_fixed", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+         dict(name="w2a4_mpqdm_rotate_modiff_fixed", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff,loop=fixed",
               overrides={**PROTOCOL, "quant.modiff.quantizer": "static"},  # the main command on the fixed loop
               labels={"setting": "W2A4", "method": "mpqdm"}),
-         dict(name="w2a4_mpqdm_rotate_modiff_ptq", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff",
+         dict(name="w2a4_mpqdm_rotate_modiff_ptq", config="configs/dit_w2a4.py:w=2,a=4,method=mpqdm,act=rotate_modiff,loop=fixed",
               overrides={**PROTOCOL, "distill.trajectories": 0},  # OMQ bits and calibration, no distillation
               labels={"setting": "W2A4", "method": "mpqdm_ptq"}),
          dict(name="w2a4_vq_rotate_modiff", config="configs/dit_vq.py:w=2,a=4,act=rotate_modiff", overrides=PROTOCOL,
