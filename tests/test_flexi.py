@@ -169,3 +169,101 @@ def test_macs_reproduce_the_papers_dit_xl2_percentages(cond, guide, percent):
   full = flops.macs_per_image(xl, plan_lib.make_plan(1000, "250"), 4.0)
   assert flops.macs_per_call(xl, _kind()) / 1e9 == pytest.approx(118.6, rel=2e-3)
   assert 100 * flops.macs_per_image(xl, plan, 4.0) / full == pytest.approx(percent, abs=0.05)
+
+
+def _flexi_steps(num_devices, init, steps=2):
+  from configs import train_flexidit_fm
+  from diffq import configlib, parallel
+  from diffq.jobs import train
+  c = train_flexidit_fm.get_config("tiny")
+  c.init, c.flexi.distill = init, 1.0
+  model_cfg = configlib.dit_config(c.model)
+  mesh = parallel.make_mesh(num_devices)
+  state = jax.device_put(train.init_state(c, model_cfg), parallel.replicated(mesh))
+  fns = train.compile_train_steps(c, model_cfg, mesh, state)
+  rng = np.random.default_rng(0)
+  for p in (8, 4)[:steps]:
+    x = rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 16).astype(np.int32)
+    state, metrics = fns[p](state, *parallel.shard_batch((x, y), mesh))
+  return jax.device_get(state), jax.device_get(metrics), model_cfg
+
+
+def test_flexi_fine_tuning_step_on_8_devices_equals_1(tiny_export):
+  """A weak (distilled) step then a powerful one: the same params on 1 and 8 devices; the trained tree holds
+  the underlying boundary kernels only."""
+  s1, m1, _ = _flexi_steps(1, tiny_export)
+  s8, m8, cfg = _flexi_steps(8, tiny_export)
+  assert "x_embedder" not in s8["params"] and "x_embedder_p8" in s8["params"]
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1["params"], s8["params"])
+
+
+def test_distillation_starts_at_the_teachers_prediction_on_powerful_steps(tiny_export):
+  """Before any update the student equals the teacher at patch 4 (the init preserves it), so a weak step's
+  distillation term is the weak-vs-powerful gap only; at init it is positive."""
+  _, m, _ = _flexi_steps(1, tiny_export, steps=1)
+  assert m["distill"] > 0 and np.isfinite(m["loss"])
+
+
+@pytest.fixture(scope="module")
+def flexi_export(tiny_export, tmp_path_factory):
+  """The tiny export as a FlexiDiT {4, 8} (from_plain, then every leaf perturbed so the weak mode differs)."""
+  from diffq.io import npz
+  from diffq.jobs import sample
+  plain_cfg, plain = sample.load_dit(tiny_export)
+  cfg = dit.DiTConfig(**{**plain_cfg.__dict__, "patch_sizes": (8,)})
+  params = flexi.from_plain(plain, cfg, _perturbed(cfg, seed=3))
+  path = str(tmp_path_factory.mktemp("flexi") / "flexi.npz")
+  npz.export_npz(path, jax.device_get(params), metadata=dict(kind="dit_params", model=cfg.__dict__))
+  return path
+
+
+def test_quantized_flexidit_keeps_boundary_quantizers_per_patch_size(flexi_export, tmp_path):
+  """W2A4 PTQ of a FlexiDiT on a weak-first plan: the patch-8 boundary layers are W8A8 layers of their own
+  shapes, calibrated at the weak steps; the export samples as the job did, and only under its plan."""
+  from configs import dit_w2a4, sample as sample_config
+  from diffq import parallel
+  from diffq.io import quantized
+  from diffq.jobs import quantize, sample
+  c = dit_w2a4.get_config("quick,method=uniform")
+  c.params, c.num_devices = flexi_export, 1
+  c.sample.update(num_samples=10, batch_size=10, spacing="ddim4", evaluate=False, t_weak=2, weak_patch=8)
+  c.distill.trajectories = 0
+  quantize.run(c, str(tmp_path))
+  model_cfg, variables, table = quantized.import_quantized(str(tmp_path / "quantized.npz"))
+  q = variables["quant"]
+  assert q["x_embedder_p8"]["w_scale"].shape[-1] == 32 and q["x_embedder"]["w_scale"].shape[-1] == 32
+  assert q["final_layer"]["linear_p8"]["w_scale"].shape[-1] == 128 and q["final_layer"]["linear"]["w_scale"].shape[-1] == 32
+  assert spec_lib.resolve("x_embedder_p8", table).weight.bits == 8
+  plan = plan_lib.make_plan(1000, "ddim4", weak_patch=8, t_weak=2)
+  again, _ = sample.generate(c.sample, plan, model_cfg, variables, parallel.make_mesh(1), table)
+  with np.load(tmp_path / "samples.npz") as f:
+    np.testing.assert_array_equal(again, f["arr_0"])
+  s = sample_config.get_config("quick")
+  s.update(params=str(tmp_path / "quantized.npz"), num_samples=10, batch_size=10, spacing="ddim4", evaluate=False,
+           num_devices=1)
+  with pytest.raises(ValueError, match="another timestep plan"):
+    sample.run(s, str(tmp_path / "no_weak"))
+
+
+def test_weak_first_plan_with_modiff_restarts_the_modulation_per_segment():
+  """MoDiff's reconstruction state is per segment: the powerful segment starts with a warm-up (float) call,
+  so its first step equals the same step of an all-powerful plan run from the same x_t."""
+  from diffq.seam import inputs
+  cfg = dit.preset("FM", **SMALL, patch_sizes=(8,))
+  params = _perturbed(cfg)
+  table = (("blocks_*", spec_lib.LayerSpec(input=inputs.Modulated(4, "dynamic"))),)
+  model = dit.DiT(config=cfg, specs=table)
+  plan = plan_lib.make_plan(1000, "ddim6", weak_patch=8, t_weak=3)
+  states = dit.init_states(model, {"params": params}, 4, plan)
+  assert states[8]["modulation"]["blocks_0"]["mlp"]["fc1"]["x_hat"].shape == (4, 16, 32)
+  assert states[0]["modulation"]["blocks_0"]["mlp"]["fc1"]["x_hat"].shape == (4, 64, 32)
+  out = _sample(cfg, {"params": params}, plan, table)
+  assert np.isfinite(out).all()
+  x = jax.random.normal(jax.random.key(4), (2, 32, 32, 1))
+  fn = dit.model_fn(model)
+  first, _ = fn({"params": params}, dit.init_state(model, {"params": params}, 2), x, jnp.array([300, 300]), jnp.array([1, 2]),
+                plan_lib.StepContext(3, _kind()))
+  plain = dit.DiT(config=cfg).apply({"params": params}, x, jnp.array([300, 300]), jnp.array([1, 2]))
+  np.testing.assert_array_equal(first, plain)

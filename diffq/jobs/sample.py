@@ -53,12 +53,24 @@ def check_plan_matches_export(config, path: str) -> None:
   if made is None:
     raise ValueError(f"{path} does not record the sampler it was calibrated for (written by an older diffq); "
                      "re-export it with the quantize job.")
-  wrong = [f"{k}: export {made[k]!r}, config {config[k]!r}" for k in ("diffusion_steps", "spacing")
-           if made[k] != config[k]]
+  wanted = dict(diffusion_steps=config.diffusion_steps, spacing=config.spacing, **weak_settings(config))
+  wrong = [f"{k}: export {made.get(k, 0)!r}, config {v!r}" for k, v in wanted.items() if made.get(k, 0) != v]
+  wrong += [f"{k}: export {made[k]!r}, config 0" for k in WEAK_KEYS if k in made and k not in wanted]
   if wrong:
     raise ValueError(f"{path} was calibrated for another timestep plan ({'; '.join(wrong)}); its per-step "
                      "activation quantizers fit only that plan. Sample it with the plan it was made for, or "
                      "quantize again under the new one.")
+
+
+WEAK_KEYS = ("t_weak", "t_weak_guide", "weak_patch")
+
+
+def weak_settings(config) -> dict:
+  """The FlexiDiT plan settings of a sample config that change its plan ({} without weak steps, so the records
+  of plans without them stay as they were)."""
+  if not config.get("t_weak", 0) and config.get("t_weak_guide", -1) <= 0:
+    return {}
+  return {k: config[k] for k in WEAK_KEYS}
 
 
 def _model_config(fields: dict, path: str) -> dit.DiTConfig:
