@@ -76,7 +76,7 @@ def get_config(arg=None):
   c.num_devices = 0
   c.distributed = False
   c.quant = dict(w_bits=arg.w, a_bits=arg.a, w_symmetric=False, w_group_size=0, grad="ste",
-                 keep_8bit="x_embedder,t_embedder/*,final_layer/*", smooth=m["omq"], omq=m["omq"],
+                 keep_8bit="x_embedder*,t_embedder/*,final_layer/*", smooth=m["omq"], omq=m["omq"],
                  omq_fractions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5), lora_rank=32 if m["lora"] else 0,
                  act=ACTS[arg.act][0],        # static | dynamic | modiff (see the docstring)
                  rotate=ACTS[arg.act][1],     # block-Hadamard rotation of the body layers' inputs

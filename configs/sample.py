@@ -16,6 +16,11 @@ def get_config(arg=None):
   c.diffusion_steps = 1000
   c.spacing = "ddim20"                     # respacing: "ddimN", "N" or "a,b,c" section counts
   c.cache_pattern = ""                     # step kinds: "" all full, "period:p" or F/C per step (cached models)
+  # FlexiDiT (models with patch_sizes): the first t_weak steps at weak_patch, both guidance branches; the guidance
+  # branch alone stays weak up to step t_weak_guide (-1: = t_weak), guiding the powerful conditional prediction.
+  c.t_weak = 0
+  c.t_weak_guide = -1
+  c.weak_patch = 0                         # the weak steps' patch size (one of the model's patch_sizes)
   c.method = "ddim"                        # ddim | ddpm
   c.eta = 0.0
   c.clip_x0 = True                         # ADM clip_denoised: right for pixel data (DiT's latents: False)

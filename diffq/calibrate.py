@@ -88,6 +88,14 @@ SUMMED = {"in_xtx"}  # statistics summed over steps, not stacked
 DELTA_STATS = ("in_delta_absmean", "out_delta_absmean", "in_delta_min", "in_delta_max", "in_delta_sample")
 
 
+def _at_tokens(a, tokens: int):
+  """A token tensor (rows, t, C) of a FlexiDiT weak step, each token repeated to the model's own `tokens`
+  (the same entries in the same proportions), so every step samples the same flat indices and channels."""
+  if a.ndim == 3 and a.shape[1] < tokens and tokens % a.shape[1] == 0:
+    return jnp.repeat(a, tokens // a.shape[1], axis=1)
+  return a
+
+
 def _sample_index(size: int, sample_size: int):
   """`sample_size` fixed random flat indices into a tensor of `size` entries (all of them if it is smaller)."""
   if 0 < sample_size < size:
@@ -117,6 +125,8 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
     _, got = capture_layers(model, variables, x, t, y, ctx)
     stats, raw = {}, {}
     for p, names in requests.items():
+      if p not in got:  # a boundary layer of another patch size: it does not run at this step
+        continue
       a, out = got[p]
       if transforms and p in transforms:
         a = transforms[p](a)
@@ -125,8 +135,9 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
         flat = a.reshape(-1, a.shape[-1])
         s["in_min"], s["in_max"] = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
       if "in_sample" in names:
-        idx = _sample_index(a.size, sample_size)
-        s["in_sample"], s["in_sample_channel"] = a.reshape(-1)[idx], idx % a.shape[-1]
+        a_s = _at_tokens(a, model_cfg.num_tokens)
+        idx = _sample_index(a_s.size, sample_size)
+        s["in_sample"], s["in_sample_channel"] = a_s.reshape(-1)[idx], idx % a.shape[-1]
       if "in_xtx" in names:
         flat = a.reshape(-1, a.shape[-1])
         s["in_xtx"] = flat.T @ flat
@@ -143,6 +154,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
           d = a - prev[p][0]
           flat = d.reshape(-1, d.shape[-1])
           s["in_delta_min"], s["in_delta_max"] = jnp.min(flat, axis=0), jnp.max(flat, axis=0)
+          d = _at_tokens(d, model_cfg.num_tokens)
           idx = _sample_index(d.size, sample_size)
           s["in_delta_sample"], s["in_delta_sample_channel"] = d.reshape(-1)[idx], idx % d.shape[-1]
       stats[p] = s
@@ -150,8 +162,11 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
 
   fn = jax.jit(one_step)
   per_step, sums, prev = [], {}, None
-  for i in range(len(cal.plan.steps)):
-    ctx = plan_lib.StepContext(jnp.int32(i))  # every step runs as a full step; per-step quantizers by index
+  starts = {start for start, _ in cal.plan.segments}
+  for i, kind in enumerate(cal.plan.step_kinds):
+    ctx = plan_lib.StepContext(jnp.int32(i), kind)  # per-step quantizers by index; a weak step at its patch size
+    if i in starts:
+      prev = None  # increments never cross a patch-size segment (MoDiff restarts there)
     stats, raw = fn(*_model_batch(cal, i), ctx, prev)
     for p, s in stats.items():  # summed statistics accumulate here (XLA keeps no per-step copies)
       for k in SUMMED & set(s):
@@ -159,6 +174,7 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
         sums[p, k] = v if (p, k) not in sums else sums[p, k] + v
     per_step.append(stats)
     prev = raw if wants_delta else None
+  _fill_missing_steps(per_step, requests)
   out = {}
   for p, names in requests.items():
     keys = set(per_step[-1][p])
@@ -171,6 +187,24 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
       s[k] = per_step[-1][p][k]
     out[p] = s
   return out
+
+
+def _fill_missing_steps(per_step: list, requests) -> None:
+  """FlexiDiT: a boundary layer runs only at the steps of its patch size, and increments restart at every
+  patch-size segment. A per-step statistic missing at a step (whose quantizer that layer never uses there) is
+  copied from the nearest step that has it, so per-step statistics keep one entry per plan step (increments:
+  per step after the first); summed and concatenated ones cover the steps the layer ran."""
+  delta = set(DELTA_STATS) | {"in_delta_sample_channel"}
+  for p in requests:
+    keys = {k for st in per_step for k in st.get(p, {}) if k != "in_rows"}
+    if not any(p in st for st in per_step):
+      raise ValueError(f"Layer {p} runs at no step of the calibration plan: its quantizers cannot be calibrated. "
+                       "Calibrate on a plan that uses every patch size the layers are quantized for.")
+    for i, st in enumerate(per_step):
+      have = st.setdefault(p, {})
+      for k in sorted((keys if i else keys - delta) - set(have)):
+        near = min((j for j, o in enumerate(per_step) if k in o.get(p, {})), key=lambda j: abs(j - i))
+        have[k] = per_step[near][p][k]
 
 
 def _tree_get(tree, path: str):

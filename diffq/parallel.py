@@ -49,11 +49,12 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     jax.distributed.initialize()
 
 
-def jit_train_step(fn, mesh, state, num_batch_args: int = 2):
-  """jit of `fn(state, *batch) -> (state, metrics)`: state replicated and donated, batch split over 'data'.
+def jit_train_step(fn, mesh, state, num_batch_args: int = 2, num_const_args: int = 0):
+  """jit of `fn(state, *batch, *consts) -> (state, metrics)`: state replicated and donated, batch split over
+  'data', consts (e.g. a frozen teacher's params) replicated.
 
   XLA inserts the gradient all-reduce, so the step equals the single-device step on the global batch."""
   rep, bat = replicated(mesh), batch_sharded(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
-  return jax.jit(fn, in_shardings=(state_sharding, *[bat] * num_batch_args), out_shardings=(state_sharding, rep),
-                 donate_argnums=(0,))
+  return jax.jit(fn, in_shardings=(state_sharding, *[bat] * num_batch_args, *[rep] * num_const_args),
+                 out_shardings=(state_sharding, rep), donate_argnums=(0,))

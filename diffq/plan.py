@@ -4,7 +4,9 @@ A `StepKind` is static data saying what a step computes: its cache mode ('refres
 and its stateful parts write their state; 'read': a cached step, whose parts use the state the last refresh
 step of its segment wrote), its patch size (0: the model's own; several sizes split a plan into segments whose
 state never mixes token counts) and its guidance rule ('both': conditional and unconditional rows at this
-kind). Kinds are registered by name (`register_kind`) and plans name them. A `StepContext` is what the network
+kind; 'weak_guide': FlexiDiT's guidance by the conditional prediction of a weaker, larger patch size,
+eps = eps(c; p_g) + s2 (eps(c; p) - eps(c; p_g))). Kinds are registered by name (`register_kind`; `at_patch`
+makes the patch-size variants) and plans name them. A `StepContext` is what the network
 sees of one step: its plan index (traced under the sampler's scan) and its kind (static).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from diffq.diffusion import gaussian, respace
 
 CACHE_MODES = ("refresh", "read")
-CFG_RULES = ("both",)
+CFG_RULES = ("both", "weak_guide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,8 @@ class StepKind:
   cache: str = "refresh"
   patch_size: int = 0
   cfg: str = "both"
+  guide_patch_size: int = 0  # 'weak_guide': the guidance branch's patch size
+
 
   def __post_init__(self):
     if self.cache not in CACHE_MODES:
@@ -37,6 +41,9 @@ class StepKind:
     if self.patch_size < 0:
       raise ValueError(f"Step kind {self.name!r}: patch_size must be >= 0 (0 = the model's); got "
                        f"{self.patch_size}.")
+    if (self.cfg == "weak_guide") != (self.guide_patch_size > 0):
+      raise ValueError(f"Step kind {self.name!r}: guide_patch_size is the weak guidance branch's patch size; set "
+                       "it (> 0) exactly when cfg='weak_guide'.")
 
 
 KINDS: dict[str, StepKind] = {}
@@ -52,6 +59,20 @@ def register_kind(kind: StepKind) -> StepKind:
 
 FULL = register_kind(StepKind("full"))
 CACHED = register_kind(StepKind("cached", cache="read"))  # the layers' cache parts read (ICC, naive reuse)
+
+
+def at_patch(name: str, patch_size: int = 0, guide_patch_size: int = 0) -> str:
+  """The registered name of kind `name` run at `patch_size` (0: the model's own), guided by the conditional
+  prediction at `guide_patch_size` when that differs (0: the kind's own guidance rule): 'full@p8', 'full@g8'."""
+  kind = KINDS[name]
+  if not patch_size and not guide_patch_size:
+    return name
+  guide = guide_patch_size if guide_patch_size and guide_patch_size != patch_size else 0
+  new = dataclasses.replace(kind, name=name + (f"@p{patch_size}" if patch_size else "") + (f"@g{guide}" if guide
+                                                                                          else ""),
+                            patch_size=patch_size, cfg="weak_guide" if guide else kind.cfg,
+                            guide_patch_size=guide)
+  return register_kind(new).name
 
 
 @flax.struct.dataclass
@@ -119,12 +140,31 @@ def kinds_from_pattern(pattern: str, num_steps: int) -> tuple[str, ...]:
   return tuple(letters[c] for c in pattern)
 
 
+def weak_first(kinds: tuple[str, ...], weak_patch: int, t_weak: int, t_weak_guide: int | None = None
+               ) -> tuple[str, ...]:
+  """FlexiDiT's schedule over `kinds`: the conditional branch at `weak_patch` for the first `t_weak` steps, the
+  guidance branch for the first `t_weak_guide` (default t_weak, >= t_weak; between the two the powerful
+  conditional prediction is guided by the weak one), the model's own patch size after."""
+  t_weak_guide = t_weak if t_weak_guide is None else t_weak_guide
+  if not 0 <= t_weak <= t_weak_guide <= len(kinds):
+    raise ValueError(f"Weak steps: need 0 <= t_weak ({t_weak}) <= t_weak_guide ({t_weak_guide}) <= the plan's "
+                     f"{len(kinds)} steps.")
+  if t_weak_guide and weak_patch < 1:
+    raise ValueError("Weak steps need a weak patch size (> 0): set the model's patch_sizes or sample.weak_patch.")
+  return tuple(at_patch(k, weak_patch if i < t_weak else 0, weak_patch if t_weak <= i < t_weak_guide else 0)
+               for i, k in enumerate(kinds))
+
+
 def make_plan(num_train_steps: int = 1000, spacing: str = "ddim20", kinds: tuple[str, ...] | None = None,
-              pattern: str = "") -> StepPlan:
+              pattern: str = "", weak_patch: int = 0, t_weak: int = 0, t_weak_guide: int | None = None
+              ) -> StepPlan:
   """Plan over `space_timesteps(num_train_steps, spacing)`, last (noisiest) first; the step kinds are `kinds`
-  (one name per step) or those of the cache `pattern` (`kinds_from_pattern`; '' = every step full)."""
+  (one name per step) or those of the cache `pattern` (`kinds_from_pattern`; '' = every step full), with
+  `weak_first`'s weak steps at `weak_patch` when t_weak / t_weak_guide > 0."""
   base = gaussian.Schedule.from_betas(gaussian.linear_betas(num_train_steps))
   sched = respace.respace(base, respace.space_timesteps(num_train_steps, spacing))
   steps = tuple(range(sched.num_steps - 1, -1, -1))
   kinds = tuple(kinds) if kinds is not None else kinds_from_pattern(pattern, len(steps))
+  if t_weak or t_weak_guide:
+    kinds = weak_first(kinds, weak_patch, t_weak, t_weak_guide)
   return StepPlan(schedule=sched, steps=steps, kinds=kinds)

@@ -34,15 +34,41 @@ def cfg_combine(out, channels: int, cfg_scale: float):
   return jnp.concatenate([eps, cond[..., channels:]], axis=-1)
 
 
+WEAK_GUIDE_RATIO = 2.5  # FlexiDiT §3.4: (1 - s1) / (1 - s2) = 2.5 couples the weak-guide scale to the CFG scale
+
+
+def weak_guide_scale(cfg_scale: float) -> float:
+  """s2 = 1 - (1 - s1) / 2.5: the weak-guidance scale that matches CFG scale s1 (FlexiDiT §3.4)."""
+  return 1.0 - (1.0 - cfg_scale) / WEAK_GUIDE_RATIO
+
+
 def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepContext, cfg_scale: float,
            null_class: int):
   """(output, state) of one network call with classifier-free guidance on the eps channels (see `cfg_combine`;
   the state holds one row per network row, i.e. 2N under guidance). (DiT's forward_with_cfg guides only the
-  first 3 of 4 latent channels; diffq guides all C.)"""
+  first 3 of 4 latent channels; diffq guides all C.) A 'weak_guide' step guides the conditional prediction by
+  the conditional prediction at the kind's guide_patch_size instead of the unconditional one, at scale
+  `weak_guide_scale(cfg_scale)` (two calls of N rows; such steps keep no state)."""
   if cfg_scale == 1.0:
     return model_fn(variables, state, x, t, y, ctx)
+  if ctx.kind.cfg == "weak_guide":
+    if state:
+      raise ValueError(f"Step kind {ctx.kind.name!r} guides by a weak branch, which cannot carry sampler state "
+                       "(ICC caches, MoDiff reconstructions) of its own token count; use t_weak_guide = t_weak "
+                       "with stateful parts.")
+    weak = plan_lib.StepContext(ctx.index, plan_lib.KINDS[plan_lib.at_patch(_base(ctx.kind), ctx.kind.guide_patch_size)])
+    cond, _ = model_fn(variables, state, x, t, y, ctx)
+    guide, _ = model_fn(variables, state, x, t, y, weak)
+    c = x.shape[-1]
+    eps = guide[..., :c] + weak_guide_scale(cfg_scale) * (cond[..., :c] - guide[..., :c])
+    return jnp.concatenate([eps, cond[..., c:]], axis=-1), state
   out, state = model_fn(variables, state, *cfg_batch(x, t, y, null_class), ctx)
   return cfg_combine(out, x.shape[-1], cfg_scale), state
+
+
+def _base(kind: plan_lib.StepKind) -> str:
+  """The registered kind `kind` was made from by `plan.at_patch` ('full@g8' -> 'full')."""
+  return kind.name.split("@")[0]
 
 
 def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
@@ -69,14 +95,16 @@ def sample(model_fn: Callable, variables, key: jax.Array, labels: jax.Array, sam
            return_trajectory: bool = False):
   """Draws x_0 for `labels` (N,). model_fn(variables, state, x, t_model, y, ctx) -> ((N, *shape[:-1], 2C),
   state) (the module docstring's contract); `state` is its initial state (None: the model keeps none), reset
-  at the start of every segment of the plan. Returns x_0 (N, *shape), and with `return_trajectory` also the
+  at the start of every segment of the plan (a plan with several patch sizes: {patch size: its initial state},
+  `dit.init_states`). Returns x_0 (N, *shape), and with `return_trajectory` also the
   model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
 
   Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
-  state0 = {} if state is None else state
+  state = {} if state is None else state
+  by_size = bool(state) and all(isinstance(k, int) for k in state)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(key, sample_ids)
   x = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
   steps = jnp.array(plan.steps, jnp.int32)
@@ -104,6 +132,11 @@ def sample(model_fn: Callable, variables, key: jax.Array, labels: jax.Array, sam
       x_next = denoise_step(plan.schedule, method, eta, out, x, t, noise, clip_x0)
       return (x_next, state), (x if return_trajectory else None)
 
+    size = plan.step_kinds[start].patch_size
+    if by_size and size not in state:
+      raise ValueError(f"No initial sampler state for patch size {size} (plan steps {start}..{stop - 1}); build "
+                       "it with dit.init_states(model, variables, rows, plan).")
+    state0 = state[size] if by_size else state
     idx = slice(start, stop)
     (x, _), xs = jax.lax.scan(body, (x, state0), (jnp.arange(start, stop), steps[idx], model_ts[idx], kind_ids))
     return x, xs

@@ -1,4 +1,4 @@
-"""Wall-clock of the compiled sampler alone: full DDIM vs ICC / naive caching / fewer-step DDIM, one run.
+"""Wall-clock of the compiled sampler alone: full DDIM vs ICC / naive caching / fewer-step DDIM / FlexiDiT, one run.
 
   python experiments/sampler_speed.py [--variants fp,p2_r16,p3_r16,p2_r0,ddim11] [--batch 250] [--repeats 7]
                                       [--params diffq/assets/dit_fm_ema.npz] [--out icc_speed.md]
@@ -6,7 +6,9 @@
 A variant is `fp` (DDIM-20, every step full), `pP_rR` (ICC, period P, rank R on the four block linears; r0 = naive
 reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either with `_rA-M` instead of `_rR`
 (rank A on the attention linears, M on the MLP's), a `_bf16` suffix (the cache state in bfloat16) and a `_chain`
-suffix (the MLP as one increment through the linearised GELU), `ddimN` (full DDIM with N steps), or
+suffix (the MLP as one increment through the linearised GELU), `ddimN` (full DDIM with N steps), `weakT` or
+`weakT_gG` (a FlexiDiT --params: the first T of the 20 steps at its weak patch size, the guidance branch weak up to
+step G; `fp` is then its powerful mode), or
 `q:<workdir>` (a quantize job's re-imported export `<workdir>/quantized.npz` on DDIM-20, the model its job samples).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
@@ -43,6 +45,12 @@ def variant(name: str, model_cfg, params):
   if name == "fp" or name.startswith("ddim"):
     spacing = "ddim20" if name == "fp" else name
     return plan_lib.make_plan(1000, spacing), (), {"params": params}
+  m = re.fullmatch(r"weak(\d+)(?:_g(\d+))?", name)
+  if m:
+    if not model_cfg.patch_sizes:
+      raise SystemExit(f"Variant {name} needs a FlexiDiT --params (a model with patch_sizes).")
+    return (plan_lib.make_plan(1000, "ddim20", weak_patch=model_cfg.patch_sizes[0], t_weak=int(m.group(1)),
+                               t_weak_guide=int(m.group(2)) if m.group(2) else None), (), {"params": params})
   if name.startswith("q:"):
     path = os.path.join(name[2:], "quantized.npz")
     if not os.path.exists(path):
@@ -53,8 +61,8 @@ def variant(name: str, model_cfg, params):
     return plan_lib.make_plan(1000, "ddim20"), table, variables
   m = re.fullmatch(r"(p\d+|[FC]+)_r(\d+)(?:-(\d+))?(_bf16)?(_chain)?", name)
   if not m:
-    raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, or pP / an F/C pattern with _rR or _rA-M, then "
-                     "optionally _bf16, then optionally _chain (see the docstring).")
+    raise SystemExit(f"Unknown variant {name!r}: use fp, ddimN, weakT[_gG], or pP / an F/C pattern with _rR or "
+                     "_rA-M, then optionally _bf16, then optionally _chain (see the docstring).")
   schedule, attn, mlp = m.group(1), int(m.group(2)), int(m.group(3) or m.group(2))
   pattern = f"period:{schedule[1:]}" if schedule.startswith("p") else schedule
   ranks = dict(qkv=attn, proj=attn, fc1=mlp, fc2=mlp)

@@ -9,12 +9,13 @@ from diffq.eval import flops
 from diffq.models import dit
 
 
-def jaxpr_dot_macs(cfg):
-  """Independent count: MACs of every dot_general in the traced forward of one image."""
+def jaxpr_dot_macs(cfg, patch_size: int = 0):
+  """Independent count: MACs of every dot_general in the traced forward of one image (at `patch_size`)."""
   params = jax.eval_shape(lambda: dit.init_params(cfg, jax.random.key(0)))
+  ctx = plan_lib.StepContext(kind=plan_lib.StepKind("full", patch_size=patch_size))
   fn = lambda p: dit.DiT(config=cfg).apply({"params": p}, jnp.zeros((1, cfg.input_size, cfg.input_size,
                                                                       cfg.in_channels)), jnp.zeros(1, int),
-                                           jnp.zeros(1, int))
+                                           jnp.zeros(1, int), ctx=ctx)
   total = 0
 
   def walk(jaxpr):

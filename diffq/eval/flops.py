@@ -13,9 +13,11 @@ M_t = A1 diag(g) B2 (tokens x r1 x hidden x r2) instead of fc2's input projectio
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax
 
-from diffq.models import dit
+from diffq.models import dit, flexi
 from diffq.models.dit import DiTConfig
 from diffq.quant import rotation
 from diffq.plan import FULL, StepKind, StepPlan
@@ -25,30 +27,32 @@ ATTENTION_PRODUCTS = ("attn/qk", "attn/av")
 FEEDS = {"attn/proj": ("attn/qkv", "attn/qk", "attn/av"), "mlp/fc2": ("mlp/fc1",)}  # inputs only they consume
 
 
-def dit_layer_macs(cfg: DiTConfig) -> dict[str, int]:
-  """MACs of one forward pass for one image, keyed by layer path (seam Linears + 'blocks_i/attn/qk|av')."""
-  t, d, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
+def dit_layer_macs(cfg: DiTConfig, patch_size: int = 0) -> dict[str, int]:
+  """MACs of one forward pass for one image at `patch_size` (0: the model's own), keyed by layer path (seam
+  Linears + 'blocks_i/attn/qk|av'); a FlexiDiT call at a further size runs that size's boundary layers."""
+  t, d, p = cfg.tokens(patch_size), cfg.hidden_size, cfg.patch(patch_size)
   h = int(d * cfg.mlp_ratio)
-  macs = {"x_embedder": t * p * p * cfg.in_channels * d, "t_embedder/mlp_0": 256 * d, "t_embedder/mlp_2": d * d}
+  embed, deembed = flexi.boundary_paths(cfg, p)
+  macs = {embed: t * p * p * cfg.in_channels * d, "t_embedder/mlp_0": 256 * d, "t_embedder/mlp_2": d * d}
   for i in range(cfg.depth):
     b = f"blocks_{i}/"
     macs.update({b + "adaLN_modulation": d * 6 * d, b + "attn/qkv": t * d * 3 * d, b + "attn/qk": t * t * d,
                  b + "attn/av": t * t * d, b + "attn/proj": t * d * d, b + "mlp/fc1": t * d * h,
                  b + "mlp/fc2": t * h * d})
-  macs.update({"final_layer/adaLN_modulation": d * 2 * d, "final_layer/linear": t * d * p * p * cfg.out_channels})
+  macs.update({"final_layer/adaLN_modulation": d * 2 * d, deembed: t * d * p * p * cfg.out_channels})
   return macs
 
 
 def step_layer_macs(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecTable = ()) -> dict[str, int]:
   """`dit_layer_macs` of one network call of step kind `kind` under the spec table `table`."""
-  macs = dit_layer_macs(cfg)
+  macs = dit_layer_macs(cfg, kind.patch_size)
   out = dict(macs)
   for path in macs:
     part = spec_lib.resolve(path, table).cache
     if not isinstance(part, caches.ICC):
       continue
     n_in, n_out = _layer_shape(cfg, path)
-    t, r = cfg.num_tokens, part.rank
+    t, r = cfg.tokens(kind.patch_size), part.rank
     if part.chain == "last":  # r1 = the chain's fc1 rank; fc2's in = the hidden width
       r1 = spec_lib.resolve(path[:-len("fc2")] + "fc1", table).cache.rank
       out[path] = macs[path] + t * r1 * n_in * r if kind.cache != "read" else t * r * (r1 + n_out)
@@ -78,11 +82,22 @@ def macs_per_call(cfg: DiTConfig, kind: StepKind = FULL, table: spec_lib.SpecTab
   return sum(step_layer_macs(cfg, kind, table).values())
 
 
+def guidance_calls(kind: StepKind, cfg_scale: float) -> tuple[StepKind, ...]:
+  """The network calls (each of one row per image) of a step of `kind`: one without guidance, two under it (a
+  'weak_guide' step's second at its guide patch size)."""
+  if cfg_scale == 1.0:
+    return (kind,)
+  if kind.cfg == "weak_guide":
+    return kind, dataclasses.replace(kind, patch_size=kind.guide_patch_size, cfg="both", guide_patch_size=0)
+  return kind, kind
+
+
 def macs_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float = 1.0, table: spec_lib.SpecTable = ()) -> int:
-  """Network MACs to draw one image under `plan`, each step counted by its kind under `table`; guidance
-  (scale != 1) doubles the batch."""
-  per_kind = {k: macs_per_call(cfg, k, table) for k in set(plan.step_kinds)}
-  return sum(per_kind[k] for k in plan.step_kinds) * (2 if cfg_scale != 1.0 else 1)
+  """Network MACs to draw one image under `plan`, each step counted by its kind under `table` (`guidance_calls`:
+  guidance doubles the batch, FlexiDiT's weak guidance adds one call at the weak size)."""
+  calls = [c for k in plan.step_kinds for c in guidance_calls(k, cfg_scale)]
+  per_kind = {k: macs_per_call(cfg, k, table) for k in set(calls)}
+  return sum(per_kind[k] for k in calls)
 
 
 ROTATION_ADD_BITOPS = 32  # one float32 addition of a rotation's fast Walsh-Hadamard transform
@@ -100,9 +115,8 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
       dit.variable_shapes(cfg)["params"], sep="/").items() if k.endswith("/kernel")}
   flat_quant = flax.traverse_util.flatten_dict(quant or {}, sep="/")
   firsts = {start for start, _ in plan.segments}
-  full = dit_layer_macs(cfg)
   specs = {path: spec_lib.resolve(path, table) for path in shapes}
-  w_bits, rotation_bitops = {}, {}  # per layer: stored bits per weight; one call's FWHT BitOPs (rotated layers)
+  w_bits, rotation_bitops = {}, {}  # per layer: stored bits per weight; one token's FWHT BitOPs (rotated layers)
   for path, (n_in, n_out) in shapes.items():
     spec = specs[path]
     q = {k[len(path) + 1:]: v for k, v in flat_quant.items() if k.rsplit("/", 1)[0] == path}
@@ -110,20 +124,18 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
       raise ValueError(f"Layer {path} has per-channel (OMQ) weight bits: pass its quant collection to count BitOPs.")
     w_bits[path] = spec.weight.stored_bits(q, n_in, n_out) / (n_in * n_out)
     if spec.rotate:
-      tokens = full[path] // (n_in * n_out)
-      rotation_bitops[path] = tokens * rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
+      rotation_bitops[path] = rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
   parts = dict(linear=0.0, attention=0.0, rotation=0.0)
-  for i, kind in enumerate(plan.step_kinds):
-    for path, m in step_layer_macs(cfg, kind, table).items():
-      if path.endswith(ATTENTION_PRODUCTS):
-        parts["attention"] += m * 32 * 32
-        continue
-      spec = specs[path]
-      parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts, i)
-      if path in rotation_bitops and m and not spec.cache.reads(kind):
-        parts["rotation"] += rotation_bitops[path]
-  scale = 2 if cfg_scale != 1.0 else 1
-  parts = {k: v * scale for k, v in parts.items()}
+  for i, step_kind in enumerate(plan.step_kinds):
+    for kind in guidance_calls(step_kind, cfg_scale):
+      for path, m in step_layer_macs(cfg, kind, table).items():
+        if path.endswith(ATTENTION_PRODUCTS):
+          parts["attention"] += m * 32 * 32
+          continue
+        spec = specs[path]
+        parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts, i)
+        if path in rotation_bitops and m and not spec.cache.reads(kind):
+          parts["rotation"] += rotation_bitops[path] * cfg.tokens(kind.patch_size)
   return parts if by_part else sum(parts.values())
 
 

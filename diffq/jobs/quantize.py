@@ -69,14 +69,15 @@ def check_cached_stages(workdir: str, expected: dict[str, dict | None]) -> None:
 
 
 def calibration_set(config, model_cfg, variables, plan, mesh, table=()) -> calibrate.CalibrationSet:
-  """The DDIM trajectory (every step full) of `calib.num_images` class-balanced images, drawn by the model
+  """The DDIM trajectory (every step full, at its patch size) of `calib.num_images` class-balanced images, drawn by the model
   `variables` runs under `table` (the FP model: `{"params": params}`, table ()) with the evaluation sampler."""
   s = config.sample
   n = config.calib.num_images
   labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_cfg.num_classes, parallel.batch_sharded(mesh))
   fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table)))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
-  full = plan_lib.StepPlan(plan.schedule, plan.steps, ("full",) * len(plan.steps))
+  full = plan_lib.StepPlan(plan.schedule, plan.steps, tuple(plan_lib.at_patch("full", k.patch_size)
+                                                           for k in plan.step_kinds))
   traj = jax.jit(lambda v, lab: calibrate.fp_trajectory(fn, v, jax.random.key(config.calib.seed), lab, full, shape,
                                                          s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0))
   return calibrate.CalibrationSet(traj(jax.device_put(variables, parallel.replicated(mesh)), labels),
@@ -179,6 +180,12 @@ def check_settings(config, mesh) -> plan_lib.StepPlan:
   parallel.check_batch_divisible(c.num_images, mesh)
   if config.distill.trajectories < 0:
     raise ValueError(f"distill.trajectories must be >= 0 (0 = no distillation); got {config.distill.trajectories}.")
+  if any(k.cfg == "weak_guide" for k in plan.step_kinds):
+    raise ValueError("The quantize job calibrates one network batch per step; weak guidance (t_weak_guide > "
+                     "t_weak) runs two of different patch sizes. Set --config.sample.t_weak_guide=-1.")
+  if config.distill.trajectories and len(plan.segments) > 1:
+    raise ValueError("Distillation trains along one-patch-size plans only; quantize a FlexiDiT with weak steps "
+                     "as PTQ (--config.distill.trajectories=0) or without them (--config.sample.t_weak=0).")
   if config.distill.trajectories:
     loop.check_settings(config.distill, "--config.distill.")
     distill_config(config)  # raises on a bad trd_grad, images, window
@@ -211,7 +218,7 @@ def run(config, workdir: str) -> dict:
                     if k != "rotate" or v}] for pat, d in spec_lib.table_to_list(table)],
       calib=without(config.calib.to_dict(), omq_keys),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
-                   clip_x0=s.clip_x0))
+                   clip_x0=s.clip_x0, **sample.weak_settings(s)))
   pv_keys = () if config.quant.weight == "vq" else distill.PV_KEYS  # wave-1 records have none
   distill_settings = dict(calib_settings, grad=config.quant.grad,
                           distill={k: v for k, v in config.distill.to_dict().items()

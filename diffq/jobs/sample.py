@@ -12,7 +12,7 @@ from diffq import data, parallel, plan as plan_lib, sampler, viz
 from diffq.eval import flops
 from diffq.io import npz, quantized
 from diffq.jobs import common
-from diffq.models import dit
+from diffq.models import dit, flexi
 from diffq.seam import caches, spec as spec_lib
 
 
@@ -53,12 +53,24 @@ def check_plan_matches_export(config, path: str) -> None:
   if made is None:
     raise ValueError(f"{path} does not record the sampler it was calibrated for (written by an older diffq); "
                      "re-export it with the quantize job.")
-  wrong = [f"{k}: export {made[k]!r}, config {config[k]!r}" for k in ("diffusion_steps", "spacing")
-           if made[k] != config[k]]
+  wanted = dict(diffusion_steps=config.diffusion_steps, spacing=config.spacing, **weak_settings(config))
+  wrong = [f"{k}: export {made.get(k, 0)!r}, config {v!r}" for k, v in wanted.items() if made.get(k, 0) != v]
+  wrong += [f"{k}: export {made[k]!r}, config 0" for k in WEAK_KEYS if k in made and k not in wanted]
   if wrong:
     raise ValueError(f"{path} was calibrated for another timestep plan ({'; '.join(wrong)}); its per-step "
                      "activation quantizers fit only that plan. Sample it with the plan it was made for, or "
                      "quantize again under the new one.")
+
+
+WEAK_KEYS = ("t_weak", "t_weak_guide", "weak_patch")
+
+
+def weak_settings(config) -> dict:
+  """The FlexiDiT plan settings of a sample config that change its plan ({} without weak steps, so the records
+  of plans without them stay as they were)."""
+  if not config.get("t_weak", 0) and config.get("t_weak_guide", -1) <= 0:
+    return {}
+  return {k: config[k] for k in WEAK_KEYS}
 
 
 def _model_config(fields: dict, path: str) -> dit.DiTConfig:
@@ -82,7 +94,7 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints yet.")
   state, _ = loop.restore_latest(mngr, set_aside=False)
   logging.info("Loaded EMA params of %s at step %d.", workdir, int(state["step"]))
-  params = jax.device_get(state["ema"])
+  params = jax.device_get(flexi.tie(state["ema"], model_cfg))  # a FlexiDiT run trains the untied params
   npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{workdir} (model {model_cfg})")
   return model_cfg, params, int(state["step"])
 
@@ -98,7 +110,7 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, me
     return sampler.sample(dit.model_fn(model), variables, key, labels, ids, plan=plan, shape=shape,
                           method=config.method, eta=config.eta, cfg_scale=config.cfg_scale,
                           null_class=model_cfg.num_classes, clip_x0=config.clip_x0,
-                          state=dit.init_state(model, variables, rows))
+                          state=dit.init_states(model, variables, rows, plan))
 
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
@@ -121,7 +133,13 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
   parallel.check_batch_divisible(config.batch_size, mesh)
-  plan = plan_lib.make_plan(config.diffusion_steps, config.spacing, pattern=config.cache_pattern)
+  weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
+              t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
+  try:
+    plan = plan_lib.make_plan(config.diffusion_steps, config.spacing, pattern=config.cache_pattern, **weak)
+  except ValueError as e:
+    raise ValueError(f"{e} (settings {prefix}t_weak, {prefix}t_weak_guide, {prefix}weak_patch, "
+                     f"{prefix}cache_pattern)") from None
   if config.evaluate:
     from diffq.jobs import evaluate
     evaluate.check_settings(config.eval, f"{prefix}eval.data_dir")
@@ -138,6 +156,12 @@ def check_plan_caches(plan: plan_lib.StepPlan, model_cfg: dit.DiTConfig, specs) 
                      "part, so they would run in full: sample with configs/dit_icc.py, or set cache_pattern=''.")
 
 
+def check_plan_patch_sizes(plan: plan_lib.StepPlan, model_cfg: dit.DiTConfig) -> None:
+  """Every patch size the plan's steps (and weak guidance branches) ask for is one the model runs at."""
+  for size in sorted({p for k in plan.step_kinds for p in (k.patch_size, k.guide_patch_size)}):
+    model_cfg.patch(size)
+
+
 def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=()) -> tuple[np.ndarray,
                                                                                            np.ndarray]:
   """(uint8 samples (N, H, W, C), labels (N,)) drawn under `plan`; sample i has label i % num_classes and its
@@ -145,6 +169,7 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
   if config.num_samples <= 0:
     raise ValueError(f"num_samples must be positive; got {config.num_samples}.")
   check_plan_caches(plan, model_cfg, specs)
+  check_plan_patch_sizes(plan, model_cfg)
   parallel.check_batch_divisible(config.batch_size, mesh)
   fn = make_sample_fn(model_cfg, plan, config, mesh, specs)
   variables = jax.device_put(variables, parallel.replicated(mesh))

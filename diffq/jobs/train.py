@@ -1,18 +1,27 @@
-"""Training job: data-parallel jit over a Mesh, EMA, orbax CheckpointManager with resume, clu writers."""
+"""Training job: data-parallel jit over a Mesh, EMA, orbax CheckpointManager with resume, clu writers.
+
+FlexiDiT fine-tuning (model.patch_sizes, `init` a plain DiT export): each step runs at one patch size drawn on
+the host from (seed, step) (a static argument: one compilation per size, big_vision's FlexiViT trainer), on DiT's
+loss, plus with `flexi.distill` > 0 on steps at a further size the eps MSE to the frozen initial model at the
+model's own size (the paper's distillation). Training updates the underlying boundary kernels
+(diffq/models/flexi.py `untie`); the exported params are tied.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
-from diffq import configlib, data, parallel
+from diffq import configlib, data, parallel, plan as plan_lib
 from diffq.diffusion import gaussian
 from diffq.io import npz
-from diffq.models import dit
+from diffq.models import dit, flexi
 from diffq.jobs import common, loop
 
 
@@ -24,24 +33,76 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
-def init_state(config, model_cfg: dit.DiTConfig) -> dict:
+def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
+  """DiT's initialisation, or with `config.init` a plain DiT export at model.patch_size: its params, the further
+  patch sizes' boundary layers solved from it (flexi.from_plain) so its own size's forward is unchanged."""
   params = dit.init_params(model_cfg, jax.random.key(config.seed))
+  if not config.get("init"):
+    return params
+  from diffq.jobs import sample
+  plain_cfg, plain = sample.load_dit(config.init)
+  if dataclasses.replace(model_cfg, patch_sizes=()) != plain_cfg:
+    raise ValueError(f"config.init {config.init} is a {plain_cfg}; the model to train differs beyond its "
+                     f"patch_sizes ({model_cfg}). Set --config.model to the export's architecture.")
+  return flexi.from_plain(plain, model_cfg, params)
+
+
+def init_state(config, model_cfg: dit.DiTConfig) -> dict:
+  params = flexi.untie(initial_params(config, model_cfg), model_cfg)
   return dict(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
               opt_state=make_optimizer(config).init(params))
 
 
-def train_step(state, x0, y, *, config, model_cfg, schedule):
-  """One AdamW step on the DiT hybrid loss; the per-step RNG is fold_in(seed, step), so it is stateless."""
+def patch_size_at(config, model_cfg: dit.DiTConfig, step: int) -> int:
+  """The patch size of training step `step`: drawn from (seed, step) with probabilities `flexi.probs` over
+  model_cfg.patch_sizes_all ('' = uniform); the model's own for a plain DiT."""
+  sizes = model_cfg.patch_sizes_all
+  if len(sizes) == 1:
+    return sizes[0]
+  probs = flexi_probs(config, model_cfg)
+  return int(np.random.default_rng([config.seed, step]).choice(sizes, p=probs))
+
+
+def flexi_probs(config, model_cfg: dit.DiTConfig) -> np.ndarray:
+  sizes = model_cfg.patch_sizes_all
+  text = config.get("flexi", {}).get("probs", "")
+  probs = np.full(len(sizes), 1.0 / len(sizes)) if not text else np.array([float(v) for v in text.split(",")])
+  if len(probs) != len(sizes) or (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
+    raise ValueError(f"flexi.probs {text!r} must be {len(sizes)} comma-separated probabilities summing to 1, one "
+                     f"per patch size {sizes} (the model's own first).")
+  return probs / probs.sum()
+
+
+def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch_size: int = 0):
+  """One AdamW step on the DiT hybrid loss at `patch_size` (+ `flexi.distill` x the eps MSE to `teacher`'s
+  prediction at the model's own size); the per-step RNG is fold_in(seed, step), so it is stateless."""
   model = dit.DiT(config=model_cfg)
+  p = model_cfg.patch(patch_size)
+  ctx = plan_lib.StepContext(kind=plan_lib.KINDS[plan_lib.at_patch("full", 0 if p == model_cfg.patch_size else p)])
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), state["step"])
   r_t, r_noise, r_drop = jax.random.split(rng, 3)
   t = jax.random.randint(r_t, (x0.shape[0],), 0, schedule.num_steps)
   noise = jax.random.normal(r_noise, x0.shape)
+  c = x0.shape[-1]
 
-  def loss_fn(params):
-    fn = lambda xt, tt: model.apply({"params": params}, xt, tt, y, train=True, rngs={"label_dropout": r_drop})
+  def loss_fn(trained):
+    params = flexi.tie(trained, model_cfg)
+    outs = {}
+
+    def fn(xt, tt):
+      outs["eps"] = model.apply({"params": params}, xt, tt, y, train=True, ctx=ctx,
+                                rngs={"label_dropout": r_drop})
+      return outs["eps"]
+
     terms = gaussian.training_losses(schedule, fn, x0, t, noise)
-    return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
+    loss = jnp.mean(terms["loss"])
+    metrics = {k: jnp.mean(v) for k, v in terms.items()}
+    if teacher is not None:  # the same x_t and dropped labels at the model's own size, frozen
+      ref = model.apply({"params": teacher}, gaussian.q_sample(schedule, x0, t, noise), t, y, train=True,
+                        rngs={"label_dropout": r_drop})
+      metrics["distill"] = jnp.mean((outs["eps"][..., :c] - jax.lax.stop_gradient(ref[..., :c])) ** 2)
+      loss = loss + config.flexi.distill * metrics["distill"]
+    return loss, metrics
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
@@ -51,11 +112,30 @@ def train_step(state, x0, y, *, config, model_cfg, schedule):
   return dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state), metrics
 
 
-def compile_train_step(config, model_cfg, mesh, state):
-  """Jitted step: state replicated, batch split over 'data'; XLA inserts the gradient all-reduce."""
+def compile_train_step(config, model_cfg, mesh, state, patch_size: int = 0, teacher=None):
+  """Jitted step(state, x0, y) at `patch_size`: state replicated, batch split over 'data'; XLA inserts the
+  gradient all-reduce. `teacher` (replicated params): distil towards it (see train_step)."""
   schedule = gaussian.Schedule.from_betas(gaussian.linear_betas(config.diffusion_steps))
-  fn = functools.partial(train_step, config=config, model_cfg=model_cfg, schedule=schedule)
-  return parallel.jit_train_step(fn, mesh, state)
+  fn = functools.partial(train_step, config=config, model_cfg=model_cfg, schedule=schedule, patch_size=patch_size)
+  if teacher is None:
+    return parallel.jit_train_step(fn, mesh, state)
+  step = parallel.jit_train_step(lambda st, x, y, te: fn(st, x, y, te), mesh, state, num_batch_args=2,
+                                 num_const_args=1)
+  return lambda st, x, y: step(st, x, y, teacher)
+
+
+def compile_train_steps(config, model_cfg, mesh, state) -> dict:
+  """{patch size: compiled step} for every size the model trains at; steps at a further size distil from the
+  initial params when flexi.distill > 0."""
+  distill = config.get("flexi", {}).get("distill", 0.0)
+  if distill and not config.get("init"):
+    raise ValueError("flexi.distill distils from the initial model: set config.init to the plain DiT export.")
+  teacher = None
+  if distill:
+    plain = flexi.tie(initial_params(config, model_cfg), model_cfg)
+    teacher = jax.device_put(plain, parallel.replicated(mesh))
+  return {p: compile_train_step(config, model_cfg, mesh, state, p, teacher if p != model_cfg.patch_size else None)
+          for p in model_cfg.patch_sizes_all}
 
 
 def run(config, workdir: str) -> dict:
@@ -74,14 +154,19 @@ def run(config, workdir: str) -> dict:
   mngr = loop.checkpoint_manager(workdir, config)
   state, meta = loop.restore_latest(mngr, state)
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # read by sample.load_dit
-  step_fn = compile_train_step(config, model_cfg, mesh, state)
+  flexi_probs(config, model_cfg)
+  steps = compile_train_steps(config, model_cfg, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("DiT %s: %.2fM params, %d devices, batch %d, steps %d..%d.", model_cfg, n_params / 1e6,
                mesh.devices.size, config.batch_size, int(state["step"]), config.num_steps)
 
   def batch_at(step):
     idx = data.epoch_batches(len(images), config.batch_size, config.seed, step)
-    return parallel.shard_batch((images[idx], labels[idx]), mesh)
+    return (*parallel.shard_batch((images[idx], labels[idx]), mesh), patch_size_at(config, model_cfg, step))
+
+  def step_fn(state, x, y, p):
+    state, metrics = steps[p](state, x, y)
+    return state, {**metrics, "patch_size": p}
 
   state, final, seconds, _ = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
                                               num_steps=config.num_steps, log_every=config.log_every,
@@ -89,7 +174,7 @@ def run(config, workdir: str) -> dict:
   result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds,
                 images_per_second=int(state["step"]) * config.batch_size / max(seconds, 1e-9), **final)
   if config.export_ema:
-    npz.export_npz(os.path.join(workdir, "ema_params.npz"), jax.device_get(state["ema"]),
+    npz.export_npz(os.path.join(workdir, "ema_params.npz"), jax.device_get(flexi.tie(state["ema"], model_cfg)),
                    metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))
   common.write_metrics(workdir, result)
   writer.flush()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffq import plan
-from diffq.models import layers
+from diffq.models import flexi, layers
 from diffq.seam import caches, inputs, spec as spec_lib
 
 
@@ -44,10 +44,18 @@ class DiTConfig:
   freq_shift: int = 0
   # Eps of the pre-MLP LayerNorm: 1e-6 in original DiT, 1e-5 (norm_eps) in diffusers.
   mlp_norm_eps: float = 1e-6
+  # FlexiDiT: further patch sizes the same blocks run at (diffq/models/flexi.py), e.g. (8,) for a patch-4 model;
+  # () = a plain DiT.
+  patch_sizes: tuple[int, ...] = ()
 
   def __post_init__(self):
-    if self.input_size % self.patch_size:
-      raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}.")
+    object.__setattr__(self, "patch_sizes", tuple(int(p) for p in self.patch_sizes))
+    for p in self.patch_sizes_all:
+      if p < 1 or self.input_size % p:
+        raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {p}.")
+    if len(set(self.patch_sizes_all)) != len(self.patch_sizes_all):
+      raise ValueError(f"patch_sizes {self.patch_sizes} must be distinct and differ from patch_size "
+                       f"{self.patch_size}.")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
     if self.hidden_size % 4:
@@ -58,6 +66,18 @@ class DiTConfig:
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   @property
+  def patch_sizes_all(self) -> tuple[int, ...]:
+    """The model's own patch size, then the further (FlexiDiT) ones."""
+    return (self.patch_size, *self.patch_sizes)
+
+  def patch(self, p: int = 0) -> int:
+    """The patch size a call at step-kind patch size `p` runs at (0: the model's own); raises if unsupported."""
+    if p and p not in self.patch_sizes_all:
+      raise ValueError(f"This DiT runs at patch sizes {self.patch_sizes_all}; a plan step asks for {p}. Use a "
+                       "FlexiDiT checkpoint with that size (model.patch_sizes) or drop the weak steps (t_weak=0).")
+    return p or self.patch_size
+
+  @property
   def grid_size(self) -> int:
     return self.input_size // self.patch_size
 
@@ -65,14 +85,20 @@ class DiTConfig:
   def num_tokens(self) -> int:
     return self.grid_size ** 2
 
+  def tokens(self, p: int = 0) -> int:
+    """Token count of a call at patch size `p` (0: the model's own)."""
+    return (self.input_size // self.patch(p)) ** 2
 
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
-  """(grid_size**2, dim) fixed positions, MAE convention: first half encodes the column (w) index."""
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, scale: float = 1.0) -> np.ndarray:
+  """(grid_size**2, dim) fixed positions, MAE convention: first half encodes the column (w) index. `scale`:
+  token i sits at coordinate i * scale (FlexiDiT's weak grids, in units of the powerful grid: scale p / p_pow,
+  top-left aligned as PixArt's base_size)."""
   def one_d(d, pos):
     omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
     out = np.einsum("m,d->md", pos.reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-  coords = np.arange(grid_size, dtype=np.float64)
+  coords = np.arange(grid_size, dtype=np.float64) * scale
   grid_w, grid_h = np.meshgrid(coords, coords)  # each (h, w); token order is row-major (h, w)
   return np.concatenate([one_d(dim // 2, grid_w), one_d(dim // 2, grid_h)], axis=1).astype(np.float32)
 
@@ -197,15 +223,39 @@ class LabelEmbedder(nn.Module):
 
 
 class FinalLayer(_SpecScope):
-  out_features: int = 0
+  """adaLN final norm and linear; a FlexiDiT has one linear per patch size (`linear_p{p}` beside the model's
+  own `linear`) and, for the further sizes, a per-size affine of the final norm (identity at init)."""
+  channels: int = 0
+  patch_sizes: tuple[int, ...] = ()  # the model's own first
 
   @nn.compact
-  def __call__(self, x, c, ctx):
+  def __call__(self, x, c, ctx, p: int):
     d = x.shape[-1]
     shift, scale = jnp.split(
         self.linear("adaLN_modulation", 2 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), ctx), 2, axis=-1)
-    x = _modulate(nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm_final")(x), shift, scale)
-    return self.linear("linear", self.out_features, kernel_init=nn.initializers.zeros)(x, ctx)
+    x = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm_final")(x)
+    if p != self.patch_sizes[0]:
+      x = _PatchAffine(name=f"norm_final_p{p}")(x)
+    x = _modulate(x, shift, scale)
+    sizes = self.patch_sizes if self.is_initializing() else (p,)
+    outs = {q: self._linear(q)(x if q == p else x[:, :1], ctx) for q in sizes}
+    if self.is_initializing():
+      for q in self.patch_sizes[1:]:
+        _PatchAffine(name=f"norm_final_p{q}")(x[:, :1])
+    return outs[p]
+
+  def _linear(self, q):
+    return self.linear("linear" + flexi.layer_suffix(q, self.patch_sizes[0]), q * q * self.channels,
+                       kernel_init=nn.initializers.zeros)
+
+
+class _PatchAffine(nn.Module):
+  """x * g + b per channel (g = 1, b = 0 at init): FlexiDiT's patch-size-dependent norm affine."""
+
+  @nn.compact
+  def __call__(self, x):
+    g = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    return x * g + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
 
 
 class DiT(_SpecScope):
@@ -223,9 +273,8 @@ class DiT(_SpecScope):
     if x.shape[1:] != (cfg.input_size, cfg.input_size, cfg.in_channels):
       raise ValueError(f"DiT expects inputs of shape (N, {cfg.input_size}, {cfg.input_size}, {cfg.in_channels}) "
                        f"(NHWC); got {x.shape}. Resize/pad the data or pick a config with matching input_size.")
-    p, d = cfg.patch_size, cfg.hidden_size
-    tokens = self.linear("x_embedder", d)(patchify(x, p), ctx)
-    tokens = tokens + jnp.asarray(sincos_pos_embed_2d(d, cfg.grid_size))[None]
+    p, d = cfg.patch(ctx.kind.patch_size), cfg.hidden_size
+    tokens = self._embed(x, p, ctx)
     c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, specs=self.specs,
                          name="t_embedder")(t, ctx)
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
@@ -233,9 +282,26 @@ class DiT(_SpecScope):
       tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
                         specs=self.specs,
                         name=f"blocks_{i}")(tokens, c, ctx)
-    out = FinalLayer(out_features=p * p * cfg.out_channels, specs=self.specs, name="final_layer")(tokens, c,
-                                                                                                     ctx)
+    out = FinalLayer(channels=cfg.out_channels, patch_sizes=cfg.patch_sizes_all, specs=self.specs,
+                     name="final_layer")(tokens, c, ctx, p)
     return unpatchify(out, p, cfg.out_channels)
+
+  def _embed(self, x, p, ctx):
+    """(N, T_p, D) tokens at patch size p: its patch embedding + positions at p / p_pow spacing; a further
+    (FlexiDiT) size adds its patch-size embedding and affine. Initialisation creates every size's layers."""
+    cfg, d = self.config, self.config.hidden_size
+    for q in (cfg.patch_sizes_all if self.is_initializing() else (p,)):
+      xq = patchify(x, q)
+      h = self.linear("x_embedder" + flexi.layer_suffix(q, cfg.patch_size), d)(xq if q == p else xq[:, :1], ctx)
+      if q == p:
+        tokens = h + jnp.asarray(sincos_pos_embed_2d(d, cfg.input_size // q, q / cfg.patch_size))[None]
+    if p != cfg.patch_size:
+      tokens = _PatchAffine(name=f"patch_affine_p{p}")(
+          tokens + self.param(f"patch_embed_p{p}", nn.initializers.zeros, (d,)))
+    if self.is_initializing():
+      for q in (q for q in cfg.patch_sizes if q != p):
+        _PatchAffine(name=f"patch_affine_p{q}")(self.param(f"patch_embed_p{q}", nn.initializers.zeros, (d,)))
+    return tokens
 
 
 STATE_COLLECTIONS = (caches.STATE, inputs.STATE)  # variable collections a DiT carries from one sampling step to the next
@@ -252,14 +318,26 @@ def model_fn(model: DiT) -> Callable:
   return fn
 
 
-def init_state(model: DiT, variables, rows: int) -> dict:
-  """Zeros of the state collections `model` writes on a full step, for `rows` network rows (2 per image under
-  guidance); {} for a model that keeps none. Shapes come from jax.eval_shape: nothing runs."""
+def init_state(model: DiT, variables, rows: int, patch_size: int = 0) -> dict:
+  """Zeros of the state collections `model` writes on a full step at `patch_size` (0: its own), for `rows`
+  network rows (2 per image under guidance); {} for a model that keeps none. Shapes come from jax.eval_shape:
+  nothing runs."""
   cfg = model.config
   x = jnp.zeros((rows, cfg.input_size, cfg.input_size, cfg.in_channels))
   t = jnp.zeros((rows,), jnp.int32)
-  _, shapes = jax.eval_shape(lambda v: model.apply(v, x, t, t, mutable=list(STATE_COLLECTIONS)), variables)
+  ctx = plan.StepContext(kind=plan.StepKind("full", patch_size=patch_size))
+  _, shapes = jax.eval_shape(lambda v: model.apply(v, x, t, t, ctx=ctx, mutable=list(STATE_COLLECTIONS)),
+                             variables)
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), dict(shapes))
+
+
+def init_states(model: DiT, variables, rows: int, step_plan: plan.StepPlan) -> dict:
+  """`init_state` of the model's own patch size for a one-size plan; {patch size: init_state} for a plan with
+  several (FlexiDiT's weak steps), one per segment size."""
+  sizes = sorted({k.patch_size for k in step_plan.step_kinds})
+  if sizes == [0]:
+    return init_state(model, variables, rows)
+  return {p: init_state(model, variables, rows, p) for p in sizes}
 
 
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:
@@ -268,7 +346,8 @@ def init_params(config: DiTConfig, rng: jax.Array) -> dict:
   The patch embedding's xavier bound uses the flattened conv fan-in (p*p*C, D), which is what DiT does.
   """
   x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
-  return DiT(config=config).init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+  params = DiT(config=config).init(rng, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+  return flexi.tie(params, config)
 
 
 def variable_shapes(config: DiTConfig, specs: spec_lib.SpecTable = ()) -> dict:
