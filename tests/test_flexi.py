@@ -267,3 +267,14 @@ def test_weak_first_plan_with_modiff_restarts_the_modulation_per_segment():
                 plan_lib.StepContext(3, _kind()))
   plain = dit.DiT(config=cfg).apply({"params": params}, x, jnp.array([300, 300]), jnp.array([1, 2]))
   np.testing.assert_array_equal(first, plain)
+
+
+def test_null_space_start_changes_only_what_the_weak_mode_sees():
+  plain_cfg, cfg = dit.preset("FM", **SMALL), dit.preset("FM", **SMALL, patch_sizes=(8,))
+  plain, init = _perturbed(plain_cfg), dit.init_params(cfg, jax.random.key(5))
+  exact = flexi.from_plain(plain, cfg, init)
+  broken = flexi.from_plain(plain, cfg, init, null_scale=0.25)
+  np.testing.assert_allclose(broken["x_embedder"]["kernel"], plain["x_embedder"]["kernel"], atol=1e-6)
+  diff = (broken["x_embedder_p8"]["kernel"] - exact["x_embedder_p8"]["kernel"]).reshape(8, 8, 32)
+  assert np.abs(diff).max() > 1e-3  # a random component, zero on every 2x2 block mean
+  np.testing.assert_allclose(diff.reshape(4, 2, 4, 2, 32).sum((1, 3)), 0, atol=1e-6)

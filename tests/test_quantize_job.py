@@ -103,7 +103,7 @@ def test_vq_configs_give_the_body_m_codebooks_and_keep_the_boundary_scalar(w, a)
   table = dict(rules.quant_table(dit_vq.get_config(f"w={w},a={a}").quant, 20))
   body = table["*"]
   assert isinstance(body.weight, weights.VQ) and body.weight.num_codebooks == w and body.input.bits == a
-  assert not body.train and body.lora_rank == 0 and isinstance(table["x_embedder"].weight, weights.Scalar)
+  assert not body.train and body.lora_rank == 0 and isinstance(table["x_embedder*"].weight, weights.Scalar)
 
 
 def test_a_diverging_run_stops_naming_the_step_and_writes_no_metrics(tiny_export, tmp_path):

@@ -140,10 +140,16 @@ def untie(params: dict, cfg) -> dict:
   return params
 
 
-def from_plain(plain: dict, cfg, init: dict) -> dict:
+def from_plain(plain: dict, cfg, init: dict, null_scale: float = 0.0) -> dict:
   """Flexible params of config `cfg` from a plain DiT's `plain` params at cfg.patch_size: shared leaves copied,
   the underlying boundary kernels solved by least squares so the p_pow ones are unchanged (module docstring),
-  the per-size leaves (`init`'s, e.g. patch-size embeddings and affines) as initialised; then `tie`d."""
+  the per-size leaves (`init`'s, e.g. patch-size embeddings and affines) as initialised; then `tie`d.
+
+  `null_scale` > 0 adds that fraction of `init`'s random underlying embedding kernel, projected on the null space
+  of Q_p_pow (what a weak token sees of the pixels inside each p_pow-sized block, invisible at p_pow). The
+  least-squares solution alone has none of it, nor does its de-embedding: a saddle that gradient descent leaves
+  slowly, since the weak mode starts out unable to resolve anything finer than p_pow blocks. The p_pow kernels
+  then equal the plain ones up to float rounding (Q N = 0 in exact arithmetic)."""
   under = max(cfg.patch_sizes_all)
   p0 = cfg.patch_size
   emb0, de0 = boundary_paths(cfg, p0)
@@ -155,8 +161,13 @@ def from_plain(plain: dict, cfg, init: dict) -> dict:
   e, d = _get(plain, emb0), _get(plain, de0)
   q = np.linalg.pinv(embed_matrix(under, p0).astype(np.float64))
   b = np.linalg.pinv(deembed_matrix(under, p0).astype(np.float64))
-  out = _with(out, emb, {"kernel": _mix(_snap(q), jnp.asarray(e["kernel"]), 0, cfg.in_channels),
-                         "bias": jnp.asarray(e["bias"])})
+  kernel = _mix(_snap(q), jnp.asarray(e["kernel"]), 0, cfg.in_channels)
+  if null_scale:
+    qe = embed_matrix(under, p0).astype(np.float64)
+    null = np.eye(qe.shape[1]) - np.linalg.pinv(qe) @ qe  # (p'², p'²) projector on null(Q_p_pow)
+    kernel = kernel + null_scale * _mix(null.astype(np.float32), jnp.asarray(_get(init, emb)["kernel"]), 0,
+                                        cfg.in_channels)
+  out = _with(out, emb, {"kernel": kernel, "bias": jnp.asarray(e["bias"])})
   out = _with(out, de, {"kernel": _mix(_snap(b).T, jnp.asarray(d["kernel"]), 1, cfg.out_channels),
                         "bias": _mix(_snap(b).T, jnp.asarray(d["bias"]), 0, cfg.out_channels)})
   return tie(out, cfg)
