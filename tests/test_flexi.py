@@ -287,3 +287,15 @@ def test_null_space_start_changes_only_what_the_weak_mode_sees():
   diff = (broken["x_embedder_p8"]["kernel"] - exact["x_embedder_p8"]["kernel"]).reshape(8, 8, 32)
   assert np.abs(diff).max() > 1e-3  # a random component, zero on every 2x2 block mean
   np.testing.assert_allclose(diff.reshape(4, 2, 4, 2, 32).sum((1, 3)), 0, atol=1e-6)
+
+
+def test_untied_boundary_layers_keep_the_plain_ones_and_train_apart():
+  plain_cfg = dit.preset("FM", **SMALL)
+  cfg = dit.preset("FM", **SMALL, patch_sizes=(8,), flexi_tied=False)
+  plain = _perturbed(plain_cfg)
+  params = flexi.from_plain(plain, cfg, dit.init_params(cfg, jax.random.key(5)), null_scale=0.25)
+  assert flexi.untie(params, cfg) is params and flexi.tie(params, cfg) is params
+  np.testing.assert_array_equal(params["x_embedder"]["kernel"], plain["x_embedder"]["kernel"])
+  np.testing.assert_array_equal(params["final_layer"]["linear"]["kernel"], plain["final_layer"]["linear"]["kernel"])
+  assert dit.preset("FM").record() == {k: v for k, v in dit.preset("FM").__dict__.items()
+                                       if k not in ("patch_sizes", "flexi_tied")}

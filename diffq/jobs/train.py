@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,11 +29,21 @@ from diffq.jobs import common, loop
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)), optax.constant_schedule(config.lr)],
-      [max(config.warmup_steps, 1)])
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
-                     optax.adamw(schedule, weight_decay=config.weight_decay))
+  """AdamW at config.lr after a linear warm-up; with `flexi.weak_lr` > 0 the leaves of the further patch sizes
+  alone (names ending in _p<size>: their boundary layers, patch-size embeddings and affines) at that lr."""
+  def adamw(lr):
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(config.warmup_steps, 1)), optax.constant_schedule(lr)],
+        [max(config.warmup_steps, 1)])
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+  clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
+  weak_lr = config.get("flexi", {}).get("weak_lr", 0.0)
+  if not weak_lr:
+    return optax.chain(clip, adamw(config.lr))
+  label = lambda params: flax.traverse_util.path_aware_map(
+      lambda path, _: "weak" if any(re.fullmatch(r".+_p\d+", k) for k in path) else "shared", params)
+  return optax.chain(clip, optax.multi_transform({"shared": adamw(config.lr), "weak": adamw(weak_lr)}, label))
 
 
 def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
