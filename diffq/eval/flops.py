@@ -116,7 +116,7 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
   flat_quant = flax.traverse_util.flatten_dict(quant or {}, sep="/")
   firsts = {start for start, _ in plan.segments}
   specs = {path: spec_lib.resolve(path, table) for path in shapes}
-  w_bits, rotation_bitops = {}, {}  # per layer: stored bits per weight; one token's FWHT BitOPs (rotated layers)
+  w_bits, rotation_bitops = {}, {}  # per layer: stored bits per weight; one input row's FWHT BitOPs (rotated)
   for path, (n_in, n_out) in shapes.items():
     spec = specs[path]
     q = {k[len(path) + 1:]: v for k, v in flat_quant.items() if k.rsplit("/", 1)[0] == path}
@@ -125,6 +125,8 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
     w_bits[path] = spec.weight.stored_bits(q, n_in, n_out) / (n_in * n_out)
     if spec.rotate:
       rotation_bitops[path] = rotation.adds_per_token(n_in) * ROTATION_ADD_BITOPS
+  full = {p: dit_layer_macs(cfg, p) for p in {k.patch_size for k in plan.step_kinds}
+          | {k.guide_patch_size for k in plan.step_kinds if k.cfg == "weak_guide"}}
   parts = dict(linear=0.0, attention=0.0, rotation=0.0)
   for i, step_kind in enumerate(plan.step_kinds):
     for kind in guidance_calls(step_kind, cfg_scale):
@@ -135,7 +137,8 @@ def bitops_per_image(cfg: DiTConfig, plan: StepPlan, cfg_scale: float, table: sp
         spec = specs[path]
         parts["linear"] += m * w_bits[path] * spec.input.step_bits(i in firsts, i)
         if path in rotation_bitops and m and not spec.cache.reads(kind):
-          parts["rotation"] += rotation_bitops[path] * cfg.tokens(kind.patch_size)
+          parts["rotation"] += rotation_bitops[path] * full[kind.patch_size][path] // (shapes[path][0] *
+                                                                                      shapes[path][1])
   return parts if by_part else sum(parts.values())
 
 

@@ -9,7 +9,6 @@ drawn from the re-imported integer export, i.e. from exactly what is shipped, an
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -209,7 +208,7 @@ def run(config, workdir: str) -> dict:
   without = lambda d, drop: {k: v for k, v in d.items() if k not in drop}
   omq_keys = () if config.quant.omq else ("omq_fractions", "omq_images_per_step")
   calib_settings = dict(
-      params_sha256=stages.tree_sha256(params), model=dataclasses.asdict(model_cfg),
+      params_sha256=stages.tree_sha256(params), model=model_cfg.record(),
       # the input part's and rotation's settings are recorded through the specs, an unrotated spec without the
       # key, a scalar-weight job without the VQ keys (wave-1 records stay valid)
       quant=without(config.quant.to_dict(), ("grad", "act", "act_granularity", "modiff", "rotate") + omq_keys +

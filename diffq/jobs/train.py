@@ -3,7 +3,8 @@
 FlexiDiT fine-tuning (model.patch_sizes, `init` a plain DiT export): each step runs at one patch size drawn on
 the host from (seed, step) (a static argument: one compilation per size, big_vision's FlexiViT trainer), on DiT's
 loss, plus with `flexi.distill` > 0 on steps at a further size the eps MSE to the frozen initial model at the
-model's own size (the paper's distillation). Training updates the underlying boundary kernels
+model's own size (the paper's distillation) and with `flexi.anchor` > 0 the same on steps at the model's own size
+(keeping the powerful mode near the initial one). Training updates the underlying boundary kernels
 (diffq/models/flexi.py `untie`); the exported params are tied.
 """
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,11 +29,21 @@ from diffq.jobs import common, loop
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.lr, max(config.warmup_steps, 1)), optax.constant_schedule(config.lr)],
-      [max(config.warmup_steps, 1)])
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity(),
-                     optax.adamw(schedule, weight_decay=config.weight_decay))
+  """AdamW at config.lr after a linear warm-up; with `flexi.weak_lr` > 0 the leaves of the further patch sizes
+  alone (names ending in _p<size>: their boundary layers, patch-size embeddings and affines) at that lr."""
+  def adamw(lr):
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(config.warmup_steps, 1)), optax.constant_schedule(lr)],
+        [max(config.warmup_steps, 1)])
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+  clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
+  weak_lr = config.get("flexi", {}).get("weak_lr", 0.0)
+  if not weak_lr:
+    return optax.chain(clip, adamw(config.lr))
+  label = lambda params: flax.traverse_util.path_aware_map(
+      lambda path, _: "weak" if any(re.fullmatch(r".+_p\d+", k) for k in path) else "shared", params)
+  return optax.chain(clip, optax.multi_transform({"shared": adamw(config.lr), "weak": adamw(weak_lr)}, label))
 
 
 def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
@@ -74,8 +87,9 @@ def flexi_probs(config, model_cfg: dit.DiTConfig) -> np.ndarray:
 
 
 def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch_size: int = 0):
-  """One AdamW step on the DiT hybrid loss at `patch_size` (+ `flexi.distill` x the eps MSE to `teacher`'s
-  prediction at the model's own size); the per-step RNG is fold_in(seed, step), so it is stateless."""
+  """One AdamW step on the DiT hybrid loss at `patch_size` (+ `flexi.distill`, at the model's own size
+  `flexi.anchor`, x the eps MSE to `teacher`'s prediction at the model's own size); the per-step RNG is
+  fold_in(seed, step), so it is stateless."""
   model = dit.DiT(config=model_cfg)
   p = model_cfg.patch(patch_size)
   ctx = plan_lib.StepContext(kind=plan_lib.KINDS[plan_lib.at_patch("full", 0 if p == model_cfg.patch_size else p)])
@@ -101,7 +115,8 @@ def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch
       ref = model.apply({"params": teacher}, gaussian.q_sample(schedule, x0, t, noise), t, y, train=True,
                         rngs={"label_dropout": r_drop})
       metrics["distill"] = jnp.mean((outs["eps"][..., :c] - jax.lax.stop_gradient(ref[..., :c])) ** 2)
-      loss = loss + config.flexi.distill * metrics["distill"]
+      weight = config.flexi.distill if p != model_cfg.patch_size else config.flexi.anchor
+      loss = loss + weight * metrics["distill"]
     return loss, metrics
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
@@ -126,16 +141,17 @@ def compile_train_step(config, model_cfg, mesh, state, patch_size: int = 0, teac
 
 def compile_train_steps(config, model_cfg, mesh, state) -> dict:
   """{patch size: compiled step} for every size the model trains at; steps at a further size distil from the
-  initial params when flexi.distill > 0."""
-  distill = config.get("flexi", {}).get("distill", 0.0)
-  if distill and not config.get("init"):
-    raise ValueError("flexi.distill distils from the initial model: set config.init to the plain DiT export.")
+  initial params when flexi.distill > 0, steps at the model's own size when flexi.anchor > 0."""
+  f = config.get("flexi", {})
+  weight = lambda p: f.get("distill", 0.0) if p != model_cfg.patch_size else f.get("anchor", 0.0)
+  sizes = model_cfg.patch_sizes_all
+  if any(weight(p) for p in sizes) and not config.get("init"):
+    raise ValueError("flexi.distill / flexi.anchor distil from the initial model: set config.init to the plain "
+                     "DiT export.")
   teacher = None
-  if distill:
-    plain = flexi.tie(initial_params(config, model_cfg), model_cfg)
-    teacher = jax.device_put(plain, parallel.replicated(mesh))
-  return {p: compile_train_step(config, model_cfg, mesh, state, p, teacher if p != model_cfg.patch_size else None)
-          for p in model_cfg.patch_sizes_all}
+  if any(weight(p) for p in sizes):
+    teacher = jax.device_put(initial_params(config, model_cfg), parallel.replicated(mesh))
+  return {p: compile_train_step(config, model_cfg, mesh, state, p, teacher if weight(p) else None) for p in sizes}
 
 
 def run(config, workdir: str) -> dict:

@@ -47,6 +47,9 @@ class DiTConfig:
   # FlexiDiT: further patch sizes the same blocks run at (diffq/models/flexi.py), e.g. (8,) for a patch-4 model;
   # () = a plain DiT.
   patch_sizes: tuple[int, ...] = ()
+  # FlexiDiT boundary layers: True = every size's embedding / de-embedding is a resize of the largest size's (the
+  # paper's shared variant, flexi.tie); False = each size has its own (the LoRA variant's new layers).
+  flexi_tied: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, "patch_sizes", tuple(int(p) for p in self.patch_sizes))
@@ -64,6 +67,13 @@ class DiTConfig:
   @property
   def out_channels(self) -> int:
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  def record(self) -> dict:
+    """The fields as a dict, without the FlexiDiT fields of a plain DiT (stage records from before them match)."""
+    d = dataclasses.asdict(self)
+    if not self.patch_sizes:
+      del d["patch_sizes"], d["flexi_tied"]
+    return d
 
   @property
   def patch_sizes_all(self) -> tuple[int, ...]:

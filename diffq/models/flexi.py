@@ -96,9 +96,10 @@ def boundary_paths(cfg, p: int) -> tuple[str, str]:
 
 
 def derived_sizes(cfg) -> tuple[int, ...]:
-  """Patch sizes whose boundary kernels `tie` derives (every size but the largest, the underlying one)."""
+  """Patch sizes whose boundary kernels `tie` derives (every size but the largest, the underlying one; none when
+  the config's boundary layers are untied, cfg.flexi_tied = False)."""
   sizes = cfg.patch_sizes_all
-  return tuple(p for p in sizes if p != max(sizes)) if len(sizes) > 1 else ()
+  return tuple(p for p in sizes if p != max(sizes)) if len(sizes) > 1 and cfg.flexi_tied else ()
 
 
 def _get(tree, path):
@@ -170,7 +171,7 @@ def from_plain(plain: dict, cfg, init: dict, null_scale: float = 0.0) -> dict:
   out = _with(out, emb, {"kernel": kernel, "bias": jnp.asarray(e["bias"])})
   out = _with(out, de, {"kernel": _mix(_snap(b).T, jnp.asarray(d["kernel"]), 1, cfg.out_channels),
                         "bias": _mix(_snap(b).T, jnp.asarray(d["bias"]), 0, cfg.out_channels)})
-  return tie(out, cfg)
+  return tie(out, cfg)  # untied (cfg.flexi_tied = False): the plain boundary layers stay as they were
 
 
 def _flatten(tree, prefix=""):

@@ -20,7 +20,7 @@ RUNS += [dict(name=name, config=f"configs/dit_icc.py:rank={r},svd=ca", workdir=f
               overrides={"sample.seed": 0, "sample.cache_pattern": pattern}, labels={"method": "ICC (CA-SVD)"})
          for name, r, pattern in (("p2_r16_ca", 16, "period:2"), ("p3_r16_ca", 16, "period:3"),
                                   ("late_r8_ca", 8, LATE_FULL))]
-WEAK = [(0, -1), (4, -1), (6, -1), (8, -1), (10, -1), (12, -1), (14, -1), (16, -1), (20, -1), (8, 12), (10, 14)]
+WEAK = [(0, -1), (4, -1), (8, -1), (10, -1), (11, -1), (12, -1), (14, -1), (16, -1), (20, -1), (8, 12), (10, 14)]
 RUNS += [dict(name=f"flexi_t{t}" + (f"_g{g}" if g >= 0 else ""), config=f"configs/dit_flexi.py:t_weak={t},t_weak_guide={g}",
               overrides={"seed": 0}, labels={"method": "FlexiDiT" + (" + weak guidance" if g >= 0 else ""),
                                               "t_weak": t, "t_weak_guide": g if g >= 0 else t})
