@@ -177,6 +177,7 @@ def _flexi_steps(num_devices, init, steps=2):
   from diffq.jobs import train
   c = train_flexidit_fm.get_config("tiny")
   c.init, c.flexi.distill, c.flexi.anchor = init, 1.0, 1.0
+  c.model.flexi_tied = True  # the shared variant: training updates the underlying boundary kernels only
   model_cfg = configlib.dit_config(c.model)
   mesh = parallel.make_mesh(num_devices)
   state = jax.device_put(train.init_state(c, model_cfg), parallel.replicated(mesh))

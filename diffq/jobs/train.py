@@ -54,7 +54,7 @@ def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
     return params
   from diffq.jobs import sample
   plain_cfg, plain = sample.load_dit(config.init)
-  if dataclasses.replace(model_cfg, patch_sizes=()) != plain_cfg:
+  if dataclasses.replace(model_cfg, patch_sizes=(), flexi_tied=True) != plain_cfg:
     raise ValueError(f"config.init {config.init} is a {plain_cfg}; the model to train differs beyond its "
                      f"patch_sizes ({model_cfg}). Set --config.model to the export's architecture.")
   return flexi.from_plain(plain, model_cfg, params, config.get("flexi", {}).get("null_init", 0.0))
