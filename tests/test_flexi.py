@@ -43,11 +43,13 @@ def test_embed_matrix_solves_the_least_squares_problem():
   np.testing.assert_array_equal(flexi.deembed_matrix(8, 8), np.eye(64, dtype=np.float32))
 
 
-def test_powerful_mode_equals_the_plain_model_bit_for_bit():
-  plain_cfg, cfg = dit.preset("FM", **SMALL), dit.preset("FM", **SMALL, patch_sizes=(8,))
+@pytest.mark.parametrize("preset,kw,weak", [("FM", SMALL, 8),  # the embedded model at {4, 8}
+                                            ("DiT-XL/2", dict(SMALL, num_classes=10), 4)])  # XL/2's {2, 4}, small
+def test_powerful_mode_equals_the_plain_model_bit_for_bit(preset, kw, weak):
+  plain_cfg, cfg = dit.preset(preset, **kw), dit.preset(preset, **kw, patch_sizes=(weak,))
   plain = _perturbed(plain_cfg)
   params = flexi.from_plain(plain, cfg, dit.init_params(cfg, jax.random.key(5)))
-  x = jax.random.normal(jax.random.key(2), (3, 32, 32, 1))
+  x = jax.random.normal(jax.random.key(2), (3, cfg.input_size, cfg.input_size, cfg.in_channels))
   t, y = jnp.array([3, 400, 999]), jnp.array([0, 7, 10])
   ref = dit.DiT(config=plain_cfg).apply({"params": plain}, x, t, y)
   out = dit.DiT(config=cfg).apply({"params": params}, x, t, y)
