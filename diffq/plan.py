@@ -46,6 +46,12 @@ class StepKind:
                        "it (> 0) exactly when cfg='weak_guide'.")
 
 
+  def guide_call(self) -> "StepKind":
+    """The kind of a 'weak_guide' step's guidance call: this step at its guide patch size, plain guidance."""
+    return dataclasses.replace(self, name=f"{self.name}:guide", patch_size=self.guide_patch_size, cfg="both",
+                               guide_patch_size=0)
+
+
 KINDS: dict[str, StepKind] = {}
 
 

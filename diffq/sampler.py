@@ -56,7 +56,7 @@ def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepCont
       raise ValueError(f"Step kind {ctx.kind.name!r} guides by a weak branch, which cannot carry sampler state "
                        "(ICC caches, MoDiff reconstructions) of its own token count; use t_weak_guide = t_weak "
                        "with stateful parts.")
-    weak = plan_lib.StepContext(ctx.index, plan_lib.KINDS[plan_lib.at_patch(_base(ctx.kind), ctx.kind.guide_patch_size)])
+    weak = plan_lib.StepContext(ctx.index, ctx.kind.guide_call())
     cond, _ = model_fn(variables, state, x, t, y, ctx)
     guide, _ = model_fn(variables, state, x, t, y, weak)
     c = x.shape[-1]
@@ -64,11 +64,6 @@ def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepCont
     return jnp.concatenate([eps, cond[..., c:]], axis=-1), state
   out, state = model_fn(variables, state, *cfg_batch(x, t, y, null_class), ctx)
   return cfg_combine(out, x.shape[-1], cfg_scale), state
-
-
-def _base(kind: plan_lib.StepKind) -> str:
-  """The registered kind `kind` was made from by `plan.at_patch` ('full@g8' -> 'full')."""
-  return kind.name.split("@")[0]
 
 
 def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):

@@ -13,8 +13,6 @@ M_t = A1 diag(g) B2 (tokens x r1 x hidden x r2) instead of fc2's input projectio
 """
 from __future__ import annotations
 
-import dataclasses
-
 import flax
 
 from diffq.models import dit, flexi
@@ -88,7 +86,7 @@ def guidance_calls(kind: StepKind, cfg_scale: float) -> tuple[StepKind, ...]:
   if cfg_scale == 1.0:
     return (kind,)
   if kind.cfg == "weak_guide":
-    return kind, dataclasses.replace(kind, patch_size=kind.guide_patch_size, cfg="both", guide_patch_size=0)
+    return kind, kind.guide_call()
   return kind, kind
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,8 +157,7 @@ def from_plain(plain: dict, cfg, init: dict, null_scale: float = 0.0) -> dict:
   emb0, de0 = boundary_paths(cfg, p0)
   emb, de = boundary_paths(cfg, under)
   out = jax.tree.map(lambda x: x, init)
-  flat_plain = _flatten(plain)
-  for key, value in flat_plain.items():  # every plain leaf is shared, or is the p_pow boundary (derived by tie)
+  for key, value in flax.traverse_util.flatten_dict(plain, sep="/").items():  # every plain leaf is shared, or is the p_pow boundary (derived by tie)
     out = _with(out, key, jnp.asarray(value))
   e, d = _get(plain, emb0), _get(plain, de0)
   q = np.linalg.pinv(embed_matrix(under, p0).astype(np.float64))
@@ -173,10 +173,3 @@ def from_plain(plain: dict, cfg, init: dict, null_scale: float = 0.0) -> dict:
                         "bias": _mix(_snap(b).T, jnp.asarray(d["bias"]), 0, cfg.out_channels)})
   return tie(out, cfg)  # untied (cfg.flexi_tied = False): the plain boundary layers stay as they were
 
-
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else k
-    out.update(_flatten(v, path) if isinstance(v, dict) else {path: v})
-  return out
