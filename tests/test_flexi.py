@@ -154,8 +154,9 @@ def test_weak_guidance_combines_the_two_conditional_predictions():
     sampler.guided(model, {"params": params}, {"cache": {}}, x, t, y, ctx, 4.0, 10)
 
 
-def test_weak_call_macs_match_the_traced_dots():
-  cfg = dit.preset("FM", **SMALL, patch_sizes=(8,))
+@pytest.mark.parametrize("rank", [0, 4])
+def test_weak_call_macs_match_the_traced_dots(rank):
+  cfg = dit.preset("FM", **SMALL, patch_sizes=(8,), flexi_lora_rank=rank)
   assert flops.macs_per_call(cfg, _kind(8)) == jaxpr_dot_macs(cfg, 8)[0]
   assert flops.macs_per_call(cfg, _kind()) == jaxpr_dot_macs(cfg)[0]
 
@@ -177,7 +178,7 @@ def _flexi_steps(num_devices, init, steps=2):
   from configs import train_flexidit_fm
   from diffq import configlib, parallel
   from diffq.jobs import train
-  c = train_flexidit_fm.get_config("tiny")
+  c = train_flexidit_fm.get_config("variant=shared,tiny")
   c.init, c.flexi.distill, c.flexi.anchor = init, 1.0, 1.0
   c.model.flexi_tied = True  # the shared variant: training updates the underlying boundary kernels only
   model_cfg = configlib.dit_config(c.model)
@@ -206,7 +207,7 @@ def test_patch_size_draws_follow_the_probabilities():
   from configs import train_flexidit_fm
   from diffq import configlib
   from diffq.jobs import train
-  c = train_flexidit_fm.get_config("tiny")
+  c = train_flexidit_fm.get_config("variant=shared,tiny")
   cfg = configlib.dit_config(c.model)
   draws = [train.patch_size_at(c, cfg, s) for s in range(2000)]
   assert draws == [train.patch_size_at(c, cfg, s) for s in range(2000)]  # a function of (seed, step)
@@ -301,7 +302,7 @@ def test_untied_boundary_layers_keep_the_plain_ones_and_train_apart():
   np.testing.assert_array_equal(params["x_embedder"]["kernel"], plain["x_embedder"]["kernel"])
   np.testing.assert_array_equal(params["final_layer"]["linear"]["kernel"], plain["final_layer"]["linear"]["kernel"])
   assert dit.preset("FM").record() == {k: v for k, v in dit.preset("FM").__dict__.items()
-                                       if k not in ("patch_sizes", "flexi_tied")}
+                                       if k not in ("patch_sizes", "flexi_tied", "flexi_lora_rank")}
 
 
 def test_sampler_with_weak_and_weak_guided_steps_matches_a_python_loop():
@@ -355,3 +356,53 @@ def test_flexi_sample_job_counts_every_call_at_its_patch_size(flexi_export, tmp_
   assert metrics["gmacs_per_image"] * 1e9 == pytest.approx(2 * p8 + 2 * (p4 + p8) + 2 * 2 * p4, rel=1e-12)
   with np.load(tmp_path / "samples.npz") as f:
     assert f["arr_0"].shape[0] == 4
+
+
+def test_adapter_adds_its_lora_only_at_its_patch_size():
+  from diffq.models import layers
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+  lin = layers.Linear(8, adapters=((8, 4),))
+  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                        lin.init(jax.random.key(0), x)["params"])
+  assert params["lora_a_p8"].shape == (16, 4) and params["lora_b_p8"].shape == (4, 8)
+  at = lambda p: np.asarray(lin.apply({"params": params}, x, plan_lib.StepContext(0, _kind(p))), np.float64)
+  base = x.astype(np.float64) @ params["kernel"] + params["bias"]
+  np.testing.assert_allclose(at(0), base, atol=1e-5)
+  np.testing.assert_allclose(at(8), base + x @ params["lora_a_p8"].astype(np.float64) @ params["lora_b_p8"],
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="set patch_sizes too"):
+    dit.preset("FM", flexi_lora_rank=4)
+
+
+def test_frozen_base_fine_tuning_keeps_the_powerful_mode_bit_for_bit(tiny_export):
+  """The LoRA variant (configs/train_flexidit_fm.py default): after patch-8 steps the exported EMA's patch-4
+  forward is the plain export's, bit for bit, while the patch-8 leaves (LoRAs included) moved."""
+  from configs import train_flexidit_fm
+  from diffq import configlib, parallel
+  from diffq.jobs import sample, train
+  c = train_flexidit_fm.get_config("tiny")
+  c.init, c.flexi.distill, c.ema_decay = tiny_export, 1.0, 0.5
+  cfg = configlib.dit_config(c.model)
+  mesh = parallel.make_mesh(1)
+  state = train.init_state(c, cfg)
+  step = train.compile_train_steps(c, cfg, mesh, state)[8]
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    batch = (rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32), rng.integers(0, 10, 16).astype(np.int32))
+    state, _ = step(state, *parallel.shard_batch(batch, mesh))
+  ema = jax.device_get(flexi.tie(state["ema"], cfg))
+  plain_cfg, plain = sample.load_dit(tiny_export)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 1))
+  t, y = jnp.array([10, 300, 600, 999]), jnp.array([0, 3, 7, 10])
+  np.testing.assert_array_equal(dit.DiT(config=cfg).apply({"params": ema}, x, t, y),
+                                dit.DiT(config=plain_cfg).apply({"params": plain}, x, t, y))
+  lora = ema["blocks_0"]["mlp"]["fc1"]["lora_b_p8"]
+  assert np.abs(lora).max() > 0 and np.abs(ema["patch_embed_p8"]).max() > 0
+  bad = train_flexidit_fm.get_config("tiny")
+  bad.flexi.probs = "0.5,0.5"
+  with pytest.raises(ValueError, match="train nothing"):
+    train.flexi_probs(bad, cfg)
+  bad.model.flexi_tied = True
+  with pytest.raises(ValueError, match="flexi_tied=False"):
+    train.flexi_probs(bad, configlib.dit_config(bad.model))

@@ -22,12 +22,14 @@ from diffq.plan import FULL, StepKind, StepPlan
 from diffq.seam import caches, spec as spec_lib
 
 ATTENTION_PRODUCTS = ("attn/qk", "attn/av")
+LORA_LAYERS = ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")  # the block linears with FlexiDiT adapters
 FEEDS = {"attn/proj": ("attn/qkv", "attn/qk", "attn/av"), "mlp/fc2": ("mlp/fc1",)}  # inputs only they consume
 
 
 def dit_layer_macs(cfg: DiTConfig, patch_size: int = 0) -> dict[str, int]:
   """MACs of one forward pass for one image at `patch_size` (0: the model's own), keyed by layer path (seam
-  Linears + 'blocks_i/attn/qk|av'); a FlexiDiT call at a further size runs that size's boundary layers."""
+  Linears + 'blocks_i/attn/qk|av'); a FlexiDiT call at a further size runs that size's boundary layers (and
+  LoRAs)."""
   t, d, p = cfg.tokens(patch_size), cfg.hidden_size, cfg.patch(patch_size)
   h = int(d * cfg.mlp_ratio)
   embed, deembed = flexi.boundary_paths(cfg, p)
@@ -38,6 +40,9 @@ def dit_layer_macs(cfg: DiTConfig, patch_size: int = 0) -> dict[str, int]:
                  b + "attn/av": t * t * d, b + "attn/proj": t * d * d, b + "mlp/fc1": t * d * h,
                  b + "mlp/fc2": t * h * d})
   macs.update({"final_layer/adaLN_modulation": d * 2 * d, deembed: t * d * p * p * cfg.out_channels})
+  rank = dict(cfg.adapters).get(p, 0)  # FlexiDiT's LoRA variant, unmerged: t (in + out) r more per linear
+  for path in (f"blocks_{i}/{name}" for i in range(cfg.depth) for name in LORA_LAYERS) if rank else ():
+    macs[path] += t * rank * sum(_layer_shape(cfg, path))
   return macs
 
 

@@ -5,7 +5,8 @@ the host from (seed, step) (a static argument: one compilation per size, big_vis
 loss, plus with `flexi.distill` > 0 on steps at a further size the eps MSE to the frozen initial model at the
 model's own size (the paper's distillation) and with `flexi.anchor` > 0 the same on steps at the model's own size
 (keeping the powerful mode near the initial one). Training updates the underlying boundary kernels
-(diffq/models/flexi.py `untie`); the exported params are tied.
+(diffq/models/flexi.py `untie`); the exported params are tied. `flexi.freeze_base` is the paper's LoRA variant
+(with model.flexi_lora_rank): only the further sizes' leaves train, the model's own forward stays bit for bit.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from diffq.jobs import common, loop
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """AdamW at config.lr after a linear warm-up; with `flexi.weak_lr` > 0 the leaves of the further patch sizes
-  alone (names ending in _p<size>: their boundary layers, patch-size embeddings and affines) at that lr."""
+  alone (`weak_leaves`) at that lr; with `flexi.freeze_base` every other leaf is frozen (its gradient zeroed
+  before clipping, its update exactly zero)."""
   def adamw(lr):
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, max(config.warmup_steps, 1)), optax.constant_schedule(lr)],
@@ -38,12 +40,22 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adamw(schedule, weight_decay=config.weight_decay)
 
   clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip else optax.identity()
-  weak_lr = config.get("flexi", {}).get("weak_lr", 0.0)
-  if not weak_lr:
+  f = config.get("flexi", {})
+  weak_lr, freeze = f.get("weak_lr", 0.0), f.get("freeze_base", False)
+  if not weak_lr and not freeze:
     return optax.chain(clip, adamw(config.lr))
-  label = lambda params: flax.traverse_util.path_aware_map(
-      lambda path, _: "weak" if any(re.fullmatch(r".+_p\d+", k) for k in path) else "shared", params)
-  return optax.chain(clip, optax.multi_transform({"shared": adamw(config.lr), "weak": adamw(weak_lr)}, label))
+  frozen = lambda params: jax.tree.map(lambda w: freeze and not w, weak_leaves(params))
+  label = lambda params: jax.tree.map(lambda w: "weak" if w else "frozen" if freeze else "shared",
+                                      weak_leaves(params))
+  transforms = {"weak": adamw(weak_lr or config.lr), "shared": adamw(config.lr), "frozen": optax.set_to_zero()}
+  zero = [optax.masked(optax.set_to_zero(), frozen)] if freeze else []
+  return optax.chain(*zero, clip, optax.multi_transform(transforms, label))
+
+
+def weak_leaves(params) -> dict:
+  """True for the leaves of the further patch sizes (a name in their path ends in _p<size>: boundary layers,
+  patch-size embeddings, affines, LoRAs), False for the rest (the base)."""
+  return flax.traverse_util.path_aware_map(lambda path, _: any(re.fullmatch(r".+_p\d+", k) for k in path), params)
 
 
 def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
@@ -54,7 +66,7 @@ def initial_params(config, model_cfg: dit.DiTConfig) -> dict:
     return params
   from diffq.jobs import sample
   plain_cfg, plain = sample.load_dit(config.init)
-  if dataclasses.replace(model_cfg, patch_sizes=(), flexi_tied=True) != plain_cfg:
+  if dataclasses.replace(model_cfg, patch_sizes=(), flexi_tied=True, flexi_lora_rank=0) != plain_cfg:
     raise ValueError(f"config.init {config.init} is a {plain_cfg}; the model to train differs beyond its "
                      f"patch_sizes ({model_cfg}). Set --config.model to the export's architecture.")
   return flexi.from_plain(plain, model_cfg, params, config.get("flexi", {}).get("null_init", 0.0))
@@ -77,12 +89,21 @@ def patch_size_at(config, model_cfg: dit.DiTConfig, step: int) -> int:
 
 
 def flexi_probs(config, model_cfg: dit.DiTConfig) -> np.ndarray:
+  """The per-step patch-size probabilities (`flexi.probs`), checked against the other flexi settings."""
   sizes = model_cfg.patch_sizes_all
-  text = config.get("flexi", {}).get("probs", "")
+  f = config.get("flexi", {})
+  text = f.get("probs", "")
   probs = np.full(len(sizes), 1.0 / len(sizes)) if not text else np.array([float(v) for v in text.split(",")])
   if len(probs) != len(sizes) or (probs < 0).any() or not np.isclose(probs.sum(), 1.0):
     raise ValueError(f"flexi.probs {text!r} must be {len(sizes)} comma-separated probabilities summing to 1, one "
                      f"per patch size {sizes} (the model's own first).")
+  if f.get("freeze_base", False):
+    if len(sizes) == 1 or model_cfg.flexi_tied:
+      raise ValueError("flexi.freeze_base trains only the further patch sizes' own leaves: set model.patch_sizes "
+                       "and model.flexi_tied=False (tied boundary layers would change the model's own).")
+    if probs[0] or f.get("anchor", 0.0):
+      raise ValueError(f"flexi.freeze_base: steps at the model's own patch size {sizes[0]} train nothing; set its "
+                       "flexi.probs entry to 0 (e.g. '0,1') and flexi.anchor=0.")
   return probs / probs.sum()
 
 
@@ -123,6 +144,8 @@ def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch
   updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   ema = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
+  if config.get("flexi", {}).get("freeze_base", False):  # the frozen leaves' average stays them, bit for bit
+    ema = jax.tree.map(lambda w, e, p: e if w else p, weak_leaves(params), ema, params)
   metrics["grad_norm"] = optax.tree.norm(grads)
   return dict(step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state), metrics
 
@@ -163,6 +186,7 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_divisible(config.batch_size, mesh)
   loop.check_settings(config)
+  flexi_probs(config, model_cfg)
   images, labels = data.load("train", config.data.dir)
   writer = common.metric_writer(workdir)
 
@@ -170,7 +194,6 @@ def run(config, workdir: str) -> dict:
   mngr = loop.checkpoint_manager(workdir, config)
   state, meta = loop.restore_latest(mngr, state)
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())  # read by sample.load_dit
-  flexi_probs(config, model_cfg)
   steps = compile_train_steps(config, model_cfg, mesh, state)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("DiT %s: %.2fM params, %d devices, batch %d, steps %d..%d.", model_cfg, n_params / 1e6,

@@ -50,6 +50,9 @@ class DiTConfig:
   # FlexiDiT boundary layers: True = every size's embedding / de-embedding is a resize of the largest size's (the
   # paper's shared variant, flexi.tie); False = each size has its own (the LoRA variant's new layers).
   flexi_tied: bool = True
+  # FlexiDiT's LoRA variant: rank of a LoRA on every block's qkv, proj, fc1 and fc2, active only at the further
+  # patch sizes (the model's own forward is the plain one, bit for bit); 0 = none (the shared variant).
+  flexi_lora_rank: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "patch_sizes", tuple(int(p) for p in self.patch_sizes))
@@ -59,6 +62,9 @@ class DiTConfig:
     if len(set(self.patch_sizes_all)) != len(self.patch_sizes_all):
       raise ValueError(f"patch_sizes {self.patch_sizes} must be distinct and differ from patch_size "
                        f"{self.patch_size}.")
+    if self.flexi_lora_rank and not self.patch_sizes:
+      raise ValueError(f"flexi_lora_rank={self.flexi_lora_rank} adds LoRAs for the further patch sizes; set "
+                       "patch_sizes too (e.g. (8,)) or flexi_lora_rank=0.")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
     if self.hidden_size % 4:
@@ -69,10 +75,13 @@ class DiTConfig:
     return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
   def record(self) -> dict:
-    """The fields as a dict, without the FlexiDiT fields of a plain DiT (stage records from before them match)."""
+    """The fields as a dict, without the FlexiDiT fields a model does not use (stage records from before them
+    match)."""
     d = dataclasses.asdict(self)
     if not self.patch_sizes:
-      del d["patch_sizes"], d["flexi_tied"]
+      del d["patch_sizes"], d["flexi_tied"], d["flexi_lora_rank"]
+    elif not self.flexi_lora_rank:
+      del d["flexi_lora_rank"]
     return d
 
   @property
@@ -86,6 +95,11 @@ class DiTConfig:
       raise ValueError(f"This DiT runs at patch sizes {self.patch_sizes_all}; a plan step asks for {p}. Use a "
                        "FlexiDiT checkpoint with that size (model.patch_sizes) or drop the weak steps (t_weak=0).")
     return p or self.patch_size
+
+  @property
+  def adapters(self) -> tuple[tuple[int, int], ...]:
+    """(patch size, LoRA rank) of the block linears' per-size LoRAs (`flexi_lora_rank`)."""
+    return tuple((p, self.flexi_lora_rank) for p in self.patch_sizes) if self.flexi_lora_rank else ()
 
   @property
   def grid_size(self) -> int:
@@ -141,12 +155,15 @@ def _modulate(x, shift, scale):
 
 
 class _SpecScope(nn.Module):
-  """Base for modules that create seam layers: `self.linear(name, ...)` resolves the layer's spec by path."""
+  """Base for modules that create seam layers: `self.linear(name, ...)` resolves the layer's spec by path and
+  gives the layer the module's `adapters` (FlexiDiT's per-size LoRAs; set on the attention and the MLP)."""
   specs: spec_lib.SpecTable = ()
+  adapters: tuple[tuple[int, int], ...] = ()
 
   def linear(self, name: str, features: int, **kw) -> layers.Linear:
     path = "/".join((*self.scope.path, name))
-    return layers.Linear(features, spec=spec_lib.resolve(path, self.specs), name=name, **kw)
+    return layers.Linear(features, spec=spec_lib.resolve(path, self.specs), adapters=self.adapters, name=name,
+                         **kw)
 
 
 class Attention(_SpecScope):
@@ -168,6 +185,7 @@ class DiTBlock(_SpecScope):
   num_heads: int = 1
   mlp_ratio: float = 4.0
   mlp_norm_eps: float = 1e-6
+  lora: tuple[tuple[int, int], ...] = ()  # the attention's and MLP's adapters (adaLN has none)
 
   @nn.compact
   def __call__(self, x, c, ctx):
@@ -176,10 +194,10 @@ class DiTBlock(_SpecScope):
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     norm1 = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")
     norm2 = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")
-    x = x + gate_msa[:, None] * Attention(num_heads=self.num_heads, specs=self.specs, name="attn")(
-        _modulate(norm1(x), shift_msa, scale_msa), ctx)
+    attn = Attention(num_heads=self.num_heads, specs=self.specs, adapters=self.lora, name="attn")
+    x = x + gate_msa[:, None] * attn(_modulate(norm1(x), shift_msa, scale_msa), ctx)
     h = _modulate(norm2(x), shift_mlp, scale_mlp)
-    h = MLP(hidden=int(d * self.mlp_ratio), specs=self.specs, name="mlp")(h, ctx)
+    h = MLP(hidden=int(d * self.mlp_ratio), specs=self.specs, adapters=self.lora, name="mlp")(h, ctx)
     return x + gate_mlp[:, None] * h
 
 
@@ -290,8 +308,7 @@ class DiT(_SpecScope):
     c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
     for i in range(cfg.depth):
       tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
-                        specs=self.specs,
-                        name=f"blocks_{i}")(tokens, c, ctx)
+                        specs=self.specs, lora=cfg.adapters, name=f"blocks_{i}")(tokens, c, ctx)
     out = FinalLayer(channels=cfg.out_channels, patch_sizes=cfg.patch_sizes_all, specs=self.specs,
                      name="final_layer")(tokens, c, ctx, p)
     return unpatchify(out, p, cfg.out_channels)

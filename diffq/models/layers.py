@@ -1,10 +1,11 @@
 """`Linear`: the one seam every DiT matmul goes through, a fixed pipeline over the parts of its `LayerSpec`.
 
     cached step (the cache part reads):   y = cache.read(x)
-    otherwise:   y = input((x / s) R) @ weight(Rᵀ ((W + A B) * s[:, None])) + b;   cache.write(x, y)
+    otherwise:   y = input((x / s) R) @ weight(Rᵀ ((W + A B) * s[:, None])) [+ x A_p B_p] + b;   cache.write(x, y)
 
-with s the smoothing pre-scale (if `spec.smooth`), R the block-Hadamard rotation (if `spec.rotate`) and A B LoRA
-(if `spec.lora_rank`). The parts' variables live
+with s the smoothing pre-scale (if `spec.smooth`), R the block-Hadamard rotation (if `spec.rotate`), A B LoRA
+(if `spec.lora_rank`) and A_p B_p a FlexiDiT adapter, a float LoRA in `params` applied only at its patch size p
+(`adapters`; A_p B_p is not part of an ICC cache's low-rank increment). The parts' variables live
 in their collections (`quant` for quantizers, LoRA, smoothing and ICC factors; `cache` for sampler state), float
 weights in `params`. See diffq/seam/ for the parts.
 """
@@ -24,6 +25,7 @@ class Linear(nn.Module):
   use_bias: bool = True
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  adapters: tuple[tuple[int, int], ...] = ()  # FlexiDiT: (patch size, rank) of a LoRA used only at that size
 
   @nn.compact
   def __call__(self, x, ctx: plan.StepContext | None = None):
@@ -38,6 +40,12 @@ class Linear(nn.Module):
     x_in = s.transform_input(x, q)
     w = s.weight.matrix(q, lambda: s.effective_weight(kernel, q))
     y = jnp.dot(s.input(self, x_in, q, ctx), w.astype(x.dtype))
+    for p, rank in self.adapters:  # standard LoRA start: A ~ N(0, 1/in), B = 0 (the adapter adds nothing)
+      if self.is_initializing() or ctx.kind.patch_size == p:
+        a = self.param(f"lora_a_p{p}", nn.initializers.lecun_normal(), (x.shape[-1], rank), jnp.float32)
+        b = self.param(f"lora_b_p{p}", nn.initializers.zeros, (rank, self.features), jnp.float32)
+        if ctx.kind.patch_size == p:
+          y = y + jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
     s.cache.write(self, x, y, ctx.kind, q)

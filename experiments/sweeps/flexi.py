@@ -2,7 +2,8 @@
 model, under the protocol (experiments/PROTOCOL.md: N = 5000, DDIM 20 grid, CFG 3, seed 0). FlexiDiT rows sample
 the committed fine-tune (diffq/assets/flexidit_fm.md) with the first `t_weak` of the 20 steps at patch 8 (both
 guidance branches) and, for `_g` rows, the guidance branch weak up to step t_weak_guide; `flexi_t0` is its
-powerful mode alone. The FP, fewer-step DDIM and ICC rows are the same commands as experiments/sweeps/icc.py's
+powerful mode alone. Archived rows belong to the committed weights: delete experiments/results/flexi/flexi_*.json
+when they change. The FP, fewer-step DDIM and ICC rows are the same commands as experiments/sweeps/icc.py's
 (their archives are that sweep's). gmacs_per_image counts every network call of the plan (diffq/eval/flops.py)."""
 NAME = "flexi"
 COLUMNS = ["method", "t_weak", "t_weak_guide", "fid", "sfid", "is", "precision", "recall", "class_acc",
@@ -20,7 +21,9 @@ RUNS += [dict(name=name, config=f"configs/dit_icc.py:rank={r},svd=ca", workdir=f
               overrides={"sample.seed": 0, "sample.cache_pattern": pattern}, labels={"method": "ICC (CA-SVD)"})
          for name, r, pattern in (("p2_r16_ca", 16, "period:2"), ("p3_r16_ca", 16, "period:3"),
                                   ("late_r8_ca", 8, LATE_FULL))]
-WEAK = [(0, -1), (4, -1), (8, -1), (10, -1), (11, -1), (12, -1), (14, -1), (16, -1), (20, -1), (8, 12), (10, 14)]
+# (t_weak, t_weak_guide): -1 = no weak-guided steps; t_weak = 0 is the powerful mode alone (the FP model, bit for
+# bit, for the LoRA variant)
+WEAK = [(0, -1), (4, -1), (8, -1), (12, -1), (16, -1), (0, 20), (4, 20), (8, 16), (10, 14), (12, 16)]
 RUNS += [dict(name=f"flexi_t{t}" + (f"_g{g}" if g >= 0 else ""), config=f"configs/dit_flexi.py:t_weak={t},t_weak_guide={g}",
               overrides={"seed": 0}, labels={"method": "FlexiDiT" + (" + weak guidance" if g >= 0 else ""),
                                               "t_weak": t, "t_weak_guide": g if g >= 0 else t})
