@@ -1,7 +1,12 @@
-"""Export a DiT as a diffq numpy export: the latest EMA of a training workdir, or any DiT export.
+"""Export a model as a diffq numpy export: a training workdir's latest EMA, a DiT export, a diffusers
+DiTTransformer2DModel or AutoencoderKL directory, or an official facebookresearch/DiT .pt checkpoint.
 
   python main.py --config=configs/export_dit.py --config.source=runs/train_fm \
       --config.dest=diffq/assets/dit_fm_ema.npz --workdir=runs/export
+  python main.py --config=configs/export_dit.py --config.source=DiT-XL-2-256x256.pt \
+      --config.dest=dit_xl2_256.npz --workdir=runs/export_xl2                    # needs torch (weights_only)
+  python main.py --config=configs/export_dit.py --config.source=sd-vae-ft-ema \
+      --config.dest=sd_vae_ft_ema.npz --workdir=runs/export_vae
 """
 from diffq import configlib
 
@@ -12,4 +17,5 @@ def get_config(arg=None):
   c.job = "export_dit"
   c.source = ""
   c.dest = ""
+  c.num_heads = 0  # a .pt of a non-official width: its head count (not stored in the weights; 0 = by width)
   return c

@@ -1,16 +1,18 @@
 """Class-conditional sampling from a DiT export -> samples.npz (ADM format), a PNG grid, metrics.json.
 
   python main.py --config=configs/sample.py --workdir=/tmp/sample     # experiments/PROTOCOL.md sample set
+  python main.py --config=configs/sample.py:xl2 --workdir=runs/xl2    # DiT-XL/2-256 + SD-VAE (README: DiT-XL/2)
 """
 from diffq import configlib
 
 
 def get_config(arg=None):
-  arg = configlib.parse_arg(arg, quick=False)
+  arg = configlib.parse_arg(arg, quick=False, xl2=False)
   c = configlib.ml_collections.ConfigDict()
   c.job = "sample"
   c.seed = 0
   c.params = "diffq/assets/dit_fm_ema.npz"  # a diffq numpy export with a dit_params manifest
+  c.vae = ""                               # latent models: the VAE export samples are decoded with (SD-VAE)
   c.num_samples = 5000                     # the protocol N; class-balanced: labels = arange(N) % num_classes
   c.batch_size = 250
   c.diffusion_steps = 1000
@@ -21,6 +23,7 @@ def get_config(arg=None):
   c.t_weak = 0
   c.t_weak_guide = -1
   c.weak_patch = 0                         # the weak steps' patch size (one of the model's patch_sizes)
+  c.compute_dtype = "float32"              # float32 | bfloat16 (activations and matmuls; params, sums float32)
   c.method = "ddim"                        # ddim | ddpm
   c.eta = 0.0
   c.clip_x0 = True                         # ADM clip_denoised: right for pixel data (DiT's latents: False)
@@ -28,8 +31,24 @@ def get_config(arg=None):
   c.num_devices = 0
   c.distributed = False
   c.grid_per_class = 10
+  c.grid_classes = ""                      # classes in grid.png, "a,b,c" ("" = all; ImageNet: a few)
   c.evaluate = True                        # score in-process (configs/evaluate.py semantics)
   c.eval = configlib.eval_config()
   if arg.quick:
     c.num_samples, c.batch_size = 100, 100
+  if arg.xl2:
+    xl2(c)
   return c
+
+
+def xl2(c):
+  """DiT-XL/2-256 on ImageNet latents as the DiT paper samples it for FID-50K: 250 DDPM steps, CFG 1.5, latents
+  unclipped, decoded by SD-VAE (ft-EMA); the exports come from configs/export_dit.py. Scoring is the ADM
+  evaluator's on samples.npz (no ImageNet reference statistics in diffq)."""
+  c.params = "dit_xl2_256.npz"                     # configs/export_dit.py of DiT-XL-2-256x256.pt
+  c.vae = "sd_vae_ft_ema.npz"                      # configs/export_dit.py of stabilityai/sd-vae-ft-ema
+  c.method, c.spacing, c.cfg_scale, c.clip_x0 = "ddpm", "250", 1.5, False
+  c.num_samples, c.batch_size = 50000, 256         # class-balanced: 50 per class
+  c.evaluate = False
+  c.grid_classes = "207,360,387,974,88,979,417,279"  # DiT's sample.py classes
+  c.grid_per_class = 8

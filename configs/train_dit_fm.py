@@ -25,6 +25,8 @@ def get_config(arg=None):
   c.weight_decay = 0.0
   c.grad_clip = 1.0
   c.ema_decay = 0.999
+  c.compute_dtype = "float32"  # float32 | bfloat16: activations and matmuls (params, grads, optimizer float32)
+  c.ema_warmup = False  # decay min(ema_decay, (1 + step) / (10 + step)): the average forgets the init
   c.num_devices = 0  # 0 = all local devices
   c.distributed = False
   c.log_every = 50

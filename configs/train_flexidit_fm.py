@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.flexi.probs = "0,1"                 # per-step patch-size probabilities, model.patch_sizes_all order (4, 8)
     c.flexi.anchor = 0.0
     c.num_steps = 3000
+    c.ema_warmup = True                   # a constant 0.999 keeps 5% of the untrained adapters at 3,000 steps
   else:
     c.flexi.probs = "0.5,0.5"
     c.flexi.anchor = 1.0                  # eps MSE to the frozen init on patch-4 steps (keeps the powerful mode)

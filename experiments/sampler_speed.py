@@ -9,7 +9,8 @@ reuse), `<F/C pattern>_rR` (ICC on that static pattern of the 20 steps), either 
 suffix (the MLP as one increment through the linearised GELU), `ddimN` (full DDIM with N steps), `weakT` or
 `weakT_gG` (a FlexiDiT --params: the first T of the 20 steps at its weak patch size, the guidance branch weak up to
 step G; `fp` is then its powerful mode), or
-`q:<workdir>` (a quantize job's re-imported export `<workdir>/quantized.npz` on DDIM-20, the model its job samples).
+`q:<workdir>` (a quantize job's re-imported export `<workdir>/quantized.npz` on DDIM-20, the model its job samples);
+any of them with `@bfloat16` appended runs the network in that compute dtype (`sample.compute_dtype`).
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
 alike); the table reports the median, the ratio to `fp`'s median, and the median (with quartiles) of the
@@ -90,7 +91,9 @@ def main() -> None:
                                       np.arange(args.batch, dtype=np.int32)), mesh)
   runs = {}
   for name in names:
-    plan, table, variables = variant(name, model_cfg, params)
+    base, _, dtype = name.partition("@")
+    plan, table, variables = variant(base, model_cfg, params)
+    conf.compute_dtype = dtype or "float32"
     fn = sample.make_sample_fn(model_cfg, plan, conf, mesh, table)
     variables = jax.device_put(variables, parallel.replicated(mesh))
     t0 = time.perf_counter()

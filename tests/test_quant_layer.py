@@ -79,3 +79,27 @@ def test_dit_with_spec_table_creates_quant_collection():
   assert set(v["quant"]) == {"blocks_0", "blocks_1"}
   assert v["quant"]["blocks_0"]["attn"]["qkv"]["a_scale"].shape == (20,)
   assert v["quant"]["blocks_1"]["mlp"]["fc2"]["w_scale"].shape == (1, 32)
+
+
+def test_bfloat16_compute_keeps_fake_quant_in_float32():
+  """compute_dtype bfloat16: smoothing and fake-quant run in float32 (the integer grid is float32's), only the
+  matmul operands are rounded to bfloat16, the sum is float32 (numpy reference with ml_dtypes' bfloat16)."""
+  import ml_dtypes
+  pol = rules.scalar_spec(4, 8, 1, smooth=True)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 64)).astype(np.float32)
+  lin = layers.Linear(32, spec=pol, dtype="bfloat16")
+  v = lin.init(jax.random.key(0), x)
+  q = dict(w_scale=rng.uniform(0.05, 0.2, (1, 32)), w_zero=rng.uniform(0, 15, (1, 32)),
+           smooth=rng.uniform(0.5, 2, (64,)), a_scale=rng.uniform(0.01, 0.03, (1,)), a_zero=rng.uniform(100, 150, (1,)))
+  v = {"params": v["params"], "quant": {k: np.asarray(a, np.float32) for k, a in q.items()}}
+  y = np.asarray(lin.apply(v, x))
+  assert y.dtype == ml_dtypes.bfloat16
+  w = np.asarray(v["params"]["kernel"]) * q["smooth"][:, None].astype(np.float32)
+  wq = np_fake_quant(w, v["quant"]["w_scale"], v["quant"]["w_zero"], 4)
+  xq = np_fake_quant(x / v["quant"]["smooth"], v["quant"]["a_scale"][0], v["quant"]["a_zero"][0], 8)
+  bf = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float64)
+  ref = bf(xq) @ bf(wq) + np.asarray(v["params"]["bias"])
+  np.testing.assert_allclose(y.astype(np.float64), ref, rtol=8e-3, atol=8e-3)  # bfloat16 rounding of the output
+  f32 = np.asarray(layers.Linear(32, spec=pol).apply(v, x))
+  assert np.abs(f32 - ref).max() > 1e-3  # the reference is bfloat16's, not float32's

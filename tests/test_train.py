@@ -22,14 +22,14 @@ def tiny_config(**overrides):
   return c
 
 
-def _two_steps(num_devices):
-  c = tiny_config()
+def _steps(num_devices, n=2, **overrides):
+  c = tiny_config(**overrides)
   model_cfg = configlib.dit_config(c.model)
   mesh = parallel.make_mesh(num_devices)
   state = jax.device_put(train.init_state(c, model_cfg), parallel.replicated(mesh))
   step = train.compile_train_step(c, model_cfg, mesh, state)
   rng = np.random.default_rng(0)
-  for _ in range(2):
+  for _ in range(n):
     x = rng.uniform(-1, 1, (16, 32, 32, 1)).astype(np.float32)
     y = rng.integers(0, 10, 16).astype(np.int32)
     state, metrics = step(state, *parallel.shard_batch((x, y), mesh))
@@ -38,11 +38,23 @@ def _two_steps(num_devices):
 
 def test_sharded_train_step_equals_single_device():
   assert jax.device_count() == 8
-  s1, m1 = _two_steps(1)
-  s8, m8 = _two_steps(8)
+  s1, m1 = _steps(1)
+  s8, m8 = _steps(8)
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), s1["params"], s8["params"])
   assert int(s8["step"]) == 2
+
+
+def test_ema_warmup_weights_the_init_by_the_schedule():
+  """With `ema_warmup` the average after step n (0-based) is d_n * ema + (1 - d_n) * params with
+  d_n = min(ema_decay, (1 + n) / (10 + n)): after two steps the init keeps the share 0.1 * 2/11, not 0.999^2."""
+  c = tiny_config()
+  init = jax.device_get(train.init_state(c, configlib.dit_config(c.model)))["params"]
+  one, _ = _steps(1, n=1)
+  two, _ = _steps(1, ema_warmup=True)
+  d0, d1 = 1 / 10, 2 / 11
+  ref = jax.tree.map(lambda i, a, b: d1 * (d0 * i + (1 - d0) * a) + (1 - d1) * b, init, one["params"], two["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), two["ema"], ref)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():

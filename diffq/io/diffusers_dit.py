@@ -11,14 +11,12 @@ Reads weights with the safetensors numpy API (no torch). diffusers conventions h
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
+from diffq.io import state_dict
 from diffq.models import dit
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = state_dict.DIFFUSERS_WEIGHTS
 
 
 def config_from_diffusers(cfg: dict) -> dit.DiTConfig:
@@ -38,22 +36,9 @@ def config_from_diffusers(cfg: dict) -> dit.DiTConfig:
       mlp_norm_eps=cfg.get("norm_eps", 1e-5))
 
 
-def _dense(sd, prefix):
-  return {"kernel": np.ascontiguousarray(sd[f"{prefix}.weight"].T), "bias": sd[f"{prefix}.bias"]}
-
-
 def params_from_state_dict(sd: dict[str, np.ndarray], config: dit.DiTConfig) -> dict:
   """Maps a diffusers state dict (numpy) onto the diffq DiT param tree; checks every key is used."""
-  used = set()
-
-  class Tracked(dict):
-    def __getitem__(self, k):
-      if k not in self:
-        raise KeyError(f"diffusers state dict lacks {k!r}; is this a DiTTransformer2DModel checkpoint?")
-      used.add(k)
-      return dict.__getitem__(self, k)
-
-  sd = Tracked(sd)
+  sd = state_dict.Tracked(sd, "diffusers DiTTransformer2DModel")
   emb = "transformer_blocks.{}.norm1.emb."
   for i in range(1, config.depth):  # per-block embedder copies must all equal block 0's
     for key in [k for k in sd if k.startswith(emb.format(i))]:
@@ -63,38 +48,28 @@ def params_from_state_dict(sd: dict[str, np.ndarray], config: dit.DiTConfig) -> 
   e0 = emb.format(0)
   w = sd["pos_embed.proj.weight"]  # (D, C, p, p)
   params = {
-      "x_embedder": {"kernel": np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])),
-                     "bias": sd["pos_embed.proj.bias"]},
-      "t_embedder": {"mlp_0": _dense(sd, e0 + "timestep_embedder.linear_1"),
-                     "mlp_2": _dense(sd, e0 + "timestep_embedder.linear_2")},
+      "x_embedder": {"kernel": state_dict.patch_kernel(w), "bias": sd["pos_embed.proj.bias"]},
+      "t_embedder": {"mlp_0": state_dict.dense(sd, e0 + "timestep_embedder.linear_1"),
+                     "mlp_2": state_dict.dense(sd, e0 + "timestep_embedder.linear_2")},
       "y_embedder": {"embedding_table": {"embedding": sd[e0 + "class_embedder.embedding_table.weight"]}},
-      "final_layer": {"adaLN_modulation": _dense(sd, "proj_out_1"), "linear": _dense(sd, "proj_out_2")},
+      "final_layer": {"adaLN_modulation": state_dict.dense(sd, "proj_out_1"),
+                      "linear": state_dict.dense(sd, "proj_out_2")},
   }
   for i in range(config.depth):
     b = f"transformer_blocks.{i}."
-    q, k, v = (_dense(sd, f"{b}attn1.to_{n}") for n in "qkv")
+    q, k, v = (state_dict.dense(sd, f"{b}attn1.to_{n}") for n in "qkv")
     params[f"blocks_{i}"] = {
-        "adaLN_modulation": _dense(sd, b + "norm1.linear"),
+        "adaLN_modulation": state_dict.dense(sd, b + "norm1.linear"),
         "attn": {"qkv": {"kernel": np.concatenate([q["kernel"], k["kernel"], v["kernel"]], axis=1),
                          "bias": np.concatenate([q["bias"], k["bias"], v["bias"]])},
-                 "proj": _dense(sd, b + "attn1.to_out.0")},
-        "mlp": {"fc1": _dense(sd, b + "ff.net.0.proj"), "fc2": _dense(sd, b + "ff.net.2")},
+                 "proj": state_dict.dense(sd, b + "attn1.to_out.0")},
+        "mlp": {"fc1": state_dict.dense(sd, b + "ff.net.0.proj"), "fc2": state_dict.dense(sd, b + "ff.net.2")},
     }
-  unused = set(sd) - used  # embedder copies were read by the equality check above
-  if unused:
-    raise ValueError(f"Unconverted diffusers keys (unsupported architecture?): {sorted(unused)[:8]}")
+  sd.check_all_used()  # embedder copies were read by the equality check above
   return params
 
 
 def load_diffusers_dit(directory: str) -> tuple[dit.DiTConfig, dict]:
   """(DiTConfig, params) from a diffusers save_pretrained directory (e.g. facebook/DiT-XL-2-256/transformer)."""
-  from safetensors.numpy import load_file
-  cfg_path, w_path = os.path.join(directory, "config.json"), os.path.join(directory, WEIGHTS_NAME)
-  for p in (cfg_path, w_path):
-    if not os.path.exists(p):
-      raise FileNotFoundError(f"{p} not found: expected a diffusers DiTTransformer2DModel directory "
-                              f"(config.json + {WEIGHTS_NAME}).")
-  with open(cfg_path) as f:
-    config = config_from_diffusers(json.load(f))
-  sd = {k: np.asarray(v, np.float32) for k, v in load_file(w_path).items()}
+  config, sd = state_dict.read_diffusers_dir(directory, "DiTTransformer2DModel", config_from_diffusers)
   return config, params_from_state_dict(sd, config)

@@ -56,6 +56,7 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   plan = check_settings(config, mesh)
   model_cfg, variables, base_table = sample.load_model(config.params)
+  decoder = sample.prepare_outputs(config.sample, model_cfg)
   if base_table:
     sample.check_plan_matches_export(config.sample, config.params)
   t0 = time.time()
@@ -75,7 +76,7 @@ def run(config, workdir: str) -> dict:
                 cache_bytes_per_image=sample.state_bytes_per_image(model_cfg, variables, table,
                                                                    config.sample.cfg_scale),
                 model=os.path.basename(config.params))
-  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, table))
+  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, table, decoder))
   full = plan_lib.StepPlan(plan.schedule, plan.steps, ("full",) * len(plan.steps))
   result["macs_vs_full"] = result["gmacs_per_image"] * 1e9 / flops.macs_per_image(model_cfg, full,
                                                                                   config.sample.cfg_scale)

@@ -197,6 +197,7 @@ def run(config, workdir: str) -> dict:
   plan = check_settings(config, mesh)
   table = rules.quant_table(config.quant, len(plan.steps))
   model_cfg, params = sample.load_dit(config.params)
+  decoder = sample.prepare_outputs(config.sample, model_cfg)
   spec_lib.check_table(table, dit.layer_paths(model_cfg))  # a mistyped keep_8bit pattern would match nothing
   s = config.sample
   distiller = None
@@ -241,7 +242,8 @@ def run(config, workdir: str) -> dict:
   path, job_metrics = exported(config, model_cfg, params, quantize, table, workdir, export_settings)
   result = dict(w_bits=config.quant.w_bits, a_bits=config.quant.a_bits, **job_metrics)
   model_cfg, variables, int_table = quantized.import_quantized(path)
-  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table))
+  result.update(sample.sample_and_score(config.sample, plan, model_cfg, variables, workdir, mesh, int_table,
+                                        decoder))
   bitops = flops.bitops_per_image(model_cfg, plan, config.sample.cfg_scale, int_table, variables.get("quant"),
                                   by_part=True)
   result["gbitops_per_image"] = sum(bitops.values()) / 1e9

@@ -10,9 +10,9 @@ from absl import logging
 
 from diffq import data, parallel, plan as plan_lib, sampler, viz
 from diffq.eval import flops
-from diffq.io import npz, quantized
+from diffq.io import diffusers_vae, npz, quantized
 from diffq.jobs import common
-from diffq.models import dit, flexi
+from diffq.models import dit, flexi, vae
 from diffq.seam import caches, spec as spec_lib
 
 
@@ -32,6 +32,55 @@ def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
   model_cfg = _model_config(meta["model"], path)
   npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{path} (model {meta['model']})")
   return model_cfg, params
+
+
+VAE_KIND = "vae_params"
+
+
+def load_vae(path: str) -> tuple[vae.VAEConfig, dict]:
+  """(VAEConfig, params) from a diffq VAE export (manifest kind=vae_params; configs/export_dit.py of a diffusers
+  AutoencoderKL directory) or from that directory itself."""
+  if os.path.isdir(path):
+    return diffusers_vae.load_diffusers_vae(path)
+  params, manifest = npz.import_npz(path)
+  meta = manifest["metadata"]
+  if meta.get("kind") != VAE_KIND or "model" not in meta:
+    raise ValueError(f"{path} is not a VAE export (manifest metadata kind={meta.get('kind')!r}); make one with "
+                     "configs/export_dit.py --config.source=<diffusers AutoencoderKL directory>.")
+  try:
+    cfg = vae.VAEConfig(**meta["model"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: its model config {meta['model']} is not a valid VAEConfig ({e}).") from None
+  npz.check_shapes(params, vae.variable_shapes(cfg), f"{path} (VAE {meta['model']})")
+  return cfg, params
+
+
+def prepare_outputs(config, model_cfg: dit.DiTConfig) -> tuple[vae.VAEConfig, dict] | None:
+  """Checks the output settings against the model before any work (grid classes; a latent model needs a VAE of
+  its latent channels) and returns the VAE that turns its samples into images (config.vae), or None for a
+  pixel-space model."""
+  grid_classes(config, model_cfg)
+  path = getattr(config, "vae", "")
+  if not path:
+    if model_cfg.in_channels not in (1, 3):
+      raise ValueError(f"The model samples {model_cfg.in_channels}-channel latents: set --config.vae (a VAE "
+                       "export, e.g. SD-VAE from configs/export_dit.py) so samples become images.")
+    return None
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No VAE at {path} (--config.vae): export one with configs/export_dit.py "
+                            "--config.source=<diffusers AutoencoderKL directory, e.g. sd-vae-ft-ema>.")
+  vae_cfg, params = load_vae(path)
+  if vae_cfg.latent_channels != model_cfg.in_channels:
+    raise ValueError(f"The VAE at {path} has {vae_cfg.latent_channels} latent channels, the model samples "
+                     f"{model_cfg.in_channels}.")
+  return vae_cfg, params
+
+
+def make_decode_fn(vae_cfg: vae.VAEConfig, mesh):
+  """Jitted fn(vae params, latents as the DiT samples them (scaled)) -> images in [-1, 1], batch-sharded."""
+  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(lambda p, z: vae.decode(vae_cfg, p, z / vae_cfg.scaling_factor), in_shardings=(rep, bat),
+                 out_shardings=bat)
 
 
 def load_model(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
@@ -102,7 +151,7 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
 def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, mesh, specs=()):
   """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for `specs`' parts). The
   model's state (if its parts keep any) is allocated per batch and rides in the sampler's carry."""
-  model = dit.DiT(config=model_cfg, specs=tuple(specs))
+  model = dit.DiT(config=model_cfg, specs=tuple(specs), dtype=getattr(config, "compute_dtype", "float32"))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
   def fn(variables, key, labels, ids):
@@ -132,6 +181,7 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
   if not config.cfg_scale >= 0.0:
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
+  dit.check_compute_dtype(getattr(config, "compute_dtype", "float32"), f"{prefix}compute_dtype")
   parallel.check_batch_divisible(config.batch_size, mesh)
   weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
               t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
@@ -162,10 +212,11 @@ def check_plan_patch_sizes(plan: plan_lib.StepPlan, model_cfg: dit.DiTConfig) ->
     model_cfg.patch(size)
 
 
-def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=()) -> tuple[np.ndarray,
-                                                                                           np.ndarray]:
+def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=(),
+             decoder=None) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 samples (N, H, W, C), labels (N,)) drawn under `plan`; sample i has label i % num_classes and its
-  own noise key. `variables` is {"params": ...} for the FP model, plus "quant" for a model under `specs`."""
+  own noise key. `variables` is {"params": ...} for the FP model, plus "quant" for a model under `specs`.
+  `decoder` (VAEConfig, params): the samples are latents, decoded to images on the devices, batch by batch."""
   if config.num_samples <= 0:
     raise ValueError(f"num_samples must be positive; got {config.num_samples}.")
   check_plan_caches(plan, model_cfg, specs)
@@ -173,6 +224,8 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
   parallel.check_batch_divisible(config.batch_size, mesh)
   fn = make_sample_fn(model_cfg, plan, config, mesh, specs)
   variables = jax.device_put(variables, parallel.replicated(mesh))
+  if decoder is not None:
+    decode, vae_params = make_decode_fn(decoder[0], mesh), jax.device_put(decoder[1], parallel.replicated(mesh))
   key = jax.random.key(config.seed)
   ids = np.arange(config.num_samples)
   labels = (ids % model_cfg.num_classes).astype(np.int32)
@@ -184,7 +237,10 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
     pad = config.batch_size - n  # keep one compiled shape; padded rows are dropped
     b_ids_p = np.concatenate([b_ids, np.full(pad, b_ids[-1])]).astype(np.int32)
     b_lab, b_idp = parallel.shard_batch((labels[b_ids_p], b_ids_p), mesh)
-    x = np.asarray(jax.device_get(fn(variables, key, b_lab, b_idp)))[:n]
+    x = fn(variables, key, b_lab, b_idp)
+    if decoder is not None:
+      x = decode(vae_params, x)
+    x = np.asarray(jax.device_get(x))[:n]
     if not np.isfinite(x).all():
       raise FloatingPointError(
           f"The sampler returned NaN/inf for {int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())} of samples "
@@ -193,6 +249,16 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
     out.append(data.to_uint8(x))
     progress(start + n)
   return np.concatenate(out), labels
+
+
+def grid_classes(config, model_cfg: dit.DiTConfig) -> list[int]:
+  """The classes grid.png shows (config.grid_classes, "a,b,c"; "" = every class)."""
+  spec = getattr(config, "grid_classes", "")
+  classes = [int(k) for k in str(spec).split(",")] if spec else list(range(model_cfg.num_classes))
+  bad = [k for k in classes if not 0 <= k < model_cfg.num_classes]
+  if bad:
+    raise ValueError(f"grid_classes {bad} are not classes of the model (0..{model_cfg.num_classes - 1}).")
+  return classes
 
 
 def save_samples(path: str, images_u8: np.ndarray, labels: np.ndarray) -> None:
@@ -211,16 +277,16 @@ def state_bytes_per_image(model_cfg, variables, specs, cfg_scale: float) -> int:
 
 
 def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, workdir: str, mesh,
-                     specs=()) -> dict:
+                     specs=(), decoder=None) -> dict:
   """Draws config.num_samples under `plan`, writes samples.npz + grid.png, and returns sampling (+ evaluation)
   metrics (`state_bytes_per_image`: the sampler state one image carries)."""
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  images, labels = generate(config, plan, model_cfg, variables, mesh, specs)
+  images, labels = generate(config, plan, model_cfg, variables, mesh, specs, decoder)
   seconds = time.time() - t0
   save_samples(os.path.join(workdir, "samples.npz"), images, labels)
   viz.save_png(os.path.join(workdir, "grid.png"),
-               viz.class_grid(images, labels, model_cfg.num_classes, config.grid_per_class))
+               viz.class_grid(images, labels, grid_classes(config, model_cfg), config.grid_per_class))
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
                 gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale, specs) / 1e9,
@@ -238,8 +304,9 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   plan = check_settings(config, mesh)
   model_cfg, variables, table = load_model(config.params)
+  decoder = prepare_outputs(config, model_cfg)
   if table:
     check_plan_matches_export(config, config.params)
-  result = sample_and_score(config, plan, model_cfg, variables, workdir, mesh, table)
+  result = sample_and_score(config, plan, model_cfg, variables, workdir, mesh, table, decoder)
   common.write_metrics(workdir, result)
   return result

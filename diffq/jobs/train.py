@@ -111,7 +111,7 @@ def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch
   """One AdamW step on the DiT hybrid loss at `patch_size` (+ `flexi.distill`, at the model's own size
   `flexi.anchor`, x the eps MSE to `teacher`'s prediction at the model's own size); the per-step RNG is
   fold_in(seed, step), so it is stateless."""
-  model = dit.DiT(config=model_cfg)
+  model = dit.DiT(config=model_cfg, dtype=config.get("compute_dtype", "float32"))  # the teacher runs in it too
   p = model_cfg.patch(patch_size)
   ctx = plan_lib.StepContext(kind=plan_lib.KINDS[plan_lib.at_patch("full", 0 if p == model_cfg.patch_size else p)])
   rng = jax.random.fold_in(jax.random.key(config.seed + 1), state["step"])
@@ -143,7 +143,10 @@ def train_step(state, x0, y, teacher=None, *, config, model_cfg, schedule, patch
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
   updates, opt_state = make_optimizer(config).update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
-  ema = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
+  decay = config.ema_decay
+  if config.get("ema_warmup", False):  # (1 + n) / (10 + n) caps the decay: no share of the init survives
+    decay = jnp.minimum(decay, (1.0 + state["step"]) / (10.0 + state["step"]))
+  ema = optax.incremental_update(params, state["ema"], 1.0 - decay)
   if config.get("flexi", {}).get("freeze_base", False):  # the frozen leaves' average stays them, bit for bit
     ema = jax.tree.map(lambda w, e, p: e if w else p, weak_leaves(params), ema, params)
   metrics["grad_norm"] = optax.tree.norm(grads)
@@ -186,6 +189,7 @@ def run(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_divisible(config.batch_size, mesh)
   loop.check_settings(config)
+  dit.check_compute_dtype(config.get("compute_dtype", "float32"), "--config.compute_dtype")
   flexi_probs(config, model_cfg)
   images, labels = data.load("train", config.data.dir)
   writer = common.metric_writer(workdir)

@@ -150,6 +150,14 @@ def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
   return x.reshape(n, g * p, g * p, c)
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def check_compute_dtype(dtype: str, flag: str) -> None:
+  if dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype {dtype!r}: choose one of {COMPUTE_DTYPES}. Set {flag}.")
+
+
 def _modulate(x, shift, scale):
   return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -159,11 +167,16 @@ class _SpecScope(nn.Module):
   gives the layer the module's `adapters` (FlexiDiT's per-size LoRAs; set on the attention and the MLP)."""
   specs: spec_lib.SpecTable = ()
   adapters: tuple[tuple[int, int], ...] = ()
+  dtype: str = "float32"  # compute dtype: activations and matmul operands (params and accumulation stay float32)
 
   def linear(self, name: str, features: int, **kw) -> layers.Linear:
     path = "/".join((*self.scope.path, name))
     return layers.Linear(features, spec=spec_lib.resolve(path, self.specs), adapters=self.adapters, name=name,
-                         **kw)
+                         dtype=self.dtype, **kw)
+
+  def norm(self, eps: float, name: str) -> nn.LayerNorm:
+    """Parameter-free LayerNorm; statistics in float32, output in the compute dtype."""
+    return nn.LayerNorm(epsilon=eps, use_scale=False, use_bias=False, dtype=self.dtype, name=name)
 
 
 class Attention(_SpecScope):
@@ -192,12 +205,12 @@ class DiTBlock(_SpecScope):
     d = x.shape[-1]
     mod = self.linear("adaLN_modulation", 6 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), ctx)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    norm1 = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm1")
-    norm2 = nn.LayerNorm(epsilon=self.mlp_norm_eps, use_scale=False, use_bias=False, name="norm2")
-    attn = Attention(num_heads=self.num_heads, specs=self.specs, adapters=self.lora, name="attn")
+    norm1, norm2 = self.norm(1e-6, "norm1"), self.norm(self.mlp_norm_eps, "norm2")
+    attn = Attention(num_heads=self.num_heads, specs=self.specs, adapters=self.lora, dtype=self.dtype, name="attn")
     x = x + gate_msa[:, None] * attn(_modulate(norm1(x), shift_msa, scale_msa), ctx)
     h = _modulate(norm2(x), shift_mlp, scale_mlp)
-    h = MLP(hidden=int(d * self.mlp_ratio), specs=self.specs, adapters=self.lora, name="mlp")(h, ctx)
+    h = MLP(hidden=int(d * self.mlp_ratio), specs=self.specs, adapters=self.lora, dtype=self.dtype,
+            name="mlp")(h, ctx)
     return x + gate_mlp[:, None] * h
 
 
@@ -209,7 +222,7 @@ class MLP(_SpecScope):
     fc1, fc2 = self.linear("fc1", self.hidden), self.linear("fc2", x.shape[-1])
     chained = caches.chained(fc1.spec.cache, fc2.spec.cache)  # ICC through the GELU (seam/caches.py)
     if chained and ctx.kind.cache == "read":
-      return caches.chain_read(self, x)
+      return caches.chain_read(self, x).astype(x.dtype)
     y1 = fc1(x, ctx)
     y = fc2(_gelu(y1), ctx)
     if chained:
@@ -261,7 +274,7 @@ class FinalLayer(_SpecScope):
     d = x.shape[-1]
     shift, scale = jnp.split(
         self.linear("adaLN_modulation", 2 * d, kernel_init=nn.initializers.zeros)(nn.silu(c), ctx), 2, axis=-1)
-    x = nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, name="norm_final")(x)
+    x = self.norm(1e-6, "norm_final")(x)
     if p != self.patch_sizes[0]:
       x = _PatchAffine(name=f"norm_final_p{p}")(x)
     x = _modulate(x, shift, scale)
@@ -283,7 +296,7 @@ class _PatchAffine(nn.Module):
   @nn.compact
   def __call__(self, x):
     g = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-    return x * g + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+    return (x * g + self.param("bias", nn.initializers.zeros, (x.shape[-1],))).astype(x.dtype)
 
 
 class DiT(_SpecScope):
@@ -303,15 +316,15 @@ class DiT(_SpecScope):
                        f"(NHWC); got {x.shape}. Resize/pad the data or pick a config with matching input_size.")
     p, d = cfg.patch(ctx.kind.patch_size), cfg.hidden_size
     tokens = self._embed(x, p, ctx)
-    c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, specs=self.specs,
+    c = TimestepEmbedder(hidden_size=d, freq_shift=cfg.freq_shift, specs=self.specs, dtype=self.dtype,
                          name="t_embedder")(t, ctx)
-    c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train)
+    c = c + LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, name="y_embedder")(y, train).astype(c.dtype)
     for i in range(cfg.depth):
       tokens = DiTBlock(num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, mlp_norm_eps=cfg.mlp_norm_eps,
-                        specs=self.specs, lora=cfg.adapters, name=f"blocks_{i}")(tokens, c, ctx)
+                        specs=self.specs, lora=cfg.adapters, dtype=self.dtype, name=f"blocks_{i}")(tokens, c, ctx)
     out = FinalLayer(channels=cfg.out_channels, patch_sizes=cfg.patch_sizes_all, specs=self.specs,
-                     name="final_layer")(tokens, c, ctx, p)
-    return unpatchify(out, p, cfg.out_channels)
+                     dtype=self.dtype, name="final_layer")(tokens, c, ctx, p)
+    return unpatchify(out, p, cfg.out_channels).astype(jnp.float32)
 
   def _embed(self, x, p, ctx):
     """(N, T_p, D) tokens at patch size p: its patch embedding + positions at p / p_pow spacing; a further
@@ -321,10 +334,11 @@ class DiT(_SpecScope):
       xq = patchify(x, q)
       h = self.linear("x_embedder" + flexi.layer_suffix(q, cfg.patch_size), d)(xq if q == p else xq[:, :1], ctx)
       if q == p:
-        tokens = h + jnp.asarray(sincos_pos_embed_2d(d, cfg.input_size // q, q / cfg.patch_size))[None]
+        pos = sincos_pos_embed_2d(d, cfg.input_size // q, q / cfg.patch_size)
+        tokens = h + jnp.asarray(pos, h.dtype)[None]
     if p != cfg.patch_size:
       tokens = _PatchAffine(name=f"patch_affine_p{p}")(
-          tokens + self.param(f"patch_embed_p{p}", nn.initializers.zeros, (d,)))
+          tokens + self.param(f"patch_embed_p{p}", nn.initializers.zeros, (d,)).astype(tokens.dtype))
     if self.is_initializing():
       for q in (q for q in cfg.patch_sizes if q != p):
         _PatchAffine(name=f"patch_affine_p{q}")(self.param(f"patch_embed_p{q}", nn.initializers.zeros, (d,)))

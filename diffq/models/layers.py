@@ -26,30 +26,34 @@ class Linear(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
   bias_init: nn.initializers.Initializer = nn.initializers.zeros
   adapters: tuple[tuple[int, int], ...] = ()  # FlexiDiT: (patch size, rank) of a LoRA used only at that size
+  dtype: str = "float32"  # compute dtype of the matmul operands and the output; accumulation is float32
 
   @nn.compact
   def __call__(self, x, ctx: plan.StepContext | None = None):
     """y (..., features) of x (..., in) at step `ctx` (a plan.StepContext; None: step 0, a full step)."""
     ctx = plan.StepContext() if ctx is None else ctx
-    s = self.spec
+    s, cd = self.spec, jnp.dtype(self.dtype)
     q = {name: self._variable(name, v) for name, v in s.variables(x.shape[-1], self.features).items()}
     if s.cache.reads(ctx.kind):
-      return s.cache.read(self, x, q)
+      return s.cache.read(self, x, q).astype(cd)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32) \
         if s.weight.needs_kernel else None
-    x_in = s.transform_input(x, q)
+    # The parts (smoothing, rotation, fake-quant, their state) run in float32 whatever the compute dtype, so
+    # integer grids are the float32 run's; only the matmul operands are cast.
+    x_in = s.transform_input(x.astype(jnp.float32), q)
     w = s.weight.matrix(q, lambda: s.effective_weight(kernel, q))
-    y = jnp.dot(s.input(self, x_in, q, ctx), w.astype(x.dtype))
+    dot = lambda a, b: jnp.dot(a.astype(cd), b.astype(cd), preferred_element_type=jnp.float32)
+    y = dot(s.input(self, x_in, q, ctx), w)
     for p, rank in self.adapters:  # standard LoRA start: A ~ N(0, 1/in), B = 0 (the adapter adds nothing)
       if self.is_initializing() or ctx.kind.patch_size == p:
         a = self.param(f"lora_a_p{p}", nn.initializers.lecun_normal(), (x.shape[-1], rank), jnp.float32)
         b = self.param(f"lora_b_p{p}", nn.initializers.zeros, (rank, self.features), jnp.float32)
         if ctx.kind.patch_size == p:
-          y = y + jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype))
+          y = y + dot(dot(x, a), b)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
     s.cache.write(self, x, y, ctx.kind, q)
-    return y
+    return y.astype(cd)
 
   def _variable(self, name: str, v):
     if v.init is not None:

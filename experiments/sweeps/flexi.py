@@ -22,8 +22,8 @@ RUNS += [dict(name=name, config=f"configs/dit_icc.py:rank={r},svd=ca", workdir=f
          for name, r, pattern in (("p2_r16_ca", 16, "period:2"), ("p3_r16_ca", 16, "period:3"),
                                   ("late_r8_ca", 8, LATE_FULL))]
 # (t_weak, t_weak_guide): -1 = no weak-guided steps; t_weak = 0 is the powerful mode alone (the FP model, bit for
-# bit, for the LoRA variant)
-WEAK = [(0, -1), (4, -1), (8, -1), (12, -1), (16, -1), (0, 20), (4, 20), (8, 16), (10, 14), (12, 16)]
+# bit, for the LoRA variant); the two weak-guided rows cost what 12 weak steps cost (43% fewer MACs)
+WEAK = [(0, -1), (4, -1), (8, -1), (12, -1), (16, -1), (8, 16), (10, 14)]
 RUNS += [dict(name=f"flexi_t{t}" + (f"_g{g}" if g >= 0 else ""), config=f"configs/dit_flexi.py:t_weak={t},t_weak_guide={g}",
               overrides={"seed": 0}, labels={"method": "FlexiDiT" + (" + weak guidance" if g >= 0 else ""),
                                               "t_weak": t, "t_weak_guide": g if g >= 0 else t})
