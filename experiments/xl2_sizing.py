@@ -37,7 +37,6 @@ import sys
 
 import flax
 import jax
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -141,7 +140,7 @@ def main() -> None:
   vcfg = vae.VAEConfig()
   vae_params = sum(math.prod(s.shape) for s in jax.tree.leaves(vae.variable_shapes(vcfg)))
   hbm = args.hbm_gib * 2 ** 30
-  cmd = "python experiments/xl2_sizing.py " + " ".join(sys.argv[1:])
+  cmd = " ".join(["python experiments/xl2_sizing.py", *sys.argv[1:]])
   lines = [f"# DiT-XL/2 sizing from the code (`{cmd}`)", "",
            f"SD-VAE: {vae_params / 1e6:.2f} M params ({4 * vae_params / MB:.0f} MB float32). Devices: data "
            f"parallel, params replicated, a sampler batch of {args.batch} images at {args.hbm_gib:g} GiB HBM.",

@@ -16,6 +16,14 @@ from diffq.models import dit, flexi, vae
 from diffq.seam import caches, spec as spec_lib
 
 
+def _setting(config, key: str, default):
+  """config.key, or `default` for sampler settings that callers' configs (ConfigDicts, namespaces) may predate."""
+  try:
+    return getattr(config, key)
+  except (AttributeError, KeyError):
+    return default
+
+
 def load_dit(path: str) -> tuple[dit.DiTConfig, dict]:
   """(DiTConfig, params) from a diffq export (manifest kind=dit_params) or a training workdir (latest EMA); the
   arrays are checked against the config's parameter shapes."""
@@ -60,7 +68,7 @@ def prepare_outputs(config, model_cfg: dit.DiTConfig) -> tuple[vae.VAEConfig, di
   its latent channels) and returns the VAE that turns its samples into images (config.vae), or None for a
   pixel-space model."""
   grid_classes(config, model_cfg)
-  path = getattr(config, "vae", "")
+  path = _setting(config, "vae", "")
   if not path:
     if model_cfg.in_channels not in (1, 3):
       raise ValueError(f"The model samples {model_cfg.in_channels}-channel latents: set --config.vae (a VAE "
@@ -151,7 +159,7 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
 def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, mesh, specs=()):
   """Jitted fn(variables, key, labels, ids) -> x_0; `variables` holds params (and quant for `specs`' parts). The
   model's state (if its parts keep any) is allocated per batch and rides in the sampler's carry."""
-  model = dit.DiT(config=model_cfg, specs=tuple(specs), dtype=getattr(config, "compute_dtype", "float32"))
+  model = dit.DiT(config=model_cfg, specs=tuple(specs), dtype=_setting(config, "compute_dtype", "float32"))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
   def fn(variables, key, labels, ids):
@@ -181,7 +189,7 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
   if not config.cfg_scale >= 0.0:
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
-  dit.check_compute_dtype(getattr(config, "compute_dtype", "float32"), f"{prefix}compute_dtype")
+  dit.check_compute_dtype(_setting(config, "compute_dtype", "float32"), f"{prefix}compute_dtype")
   parallel.check_batch_divisible(config.batch_size, mesh)
   weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
               t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
@@ -253,7 +261,7 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
 
 def grid_classes(config, model_cfg: dit.DiTConfig) -> list[int]:
   """The classes grid.png shows (config.grid_classes, "a,b,c"; "" = every class)."""
-  spec = getattr(config, "grid_classes", "")
+  spec = _setting(config, "grid_classes", "")
   classes = [int(k) for k in str(spec).split(",")] if spec else list(range(model_cfg.num_classes))
   bad = [k for k in classes if not 0 <= k < model_cfg.num_classes]
   if bad:
