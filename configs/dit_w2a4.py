@@ -123,9 +123,11 @@ def get_config(arg=None):
 
 def _xl2(c):
   """DiT-XL/2-256 on ImageNet latents (MPQ-DM's ImageNet sampler: DDIM 20, eta 0, CFG 3.0; latents unclipped).
-  Needs a converted checkpoint (diffq.io.diffusers_dit) at c.params; samples are VAE latents, so evaluation
-  is off (decode and score with the ADM evaluator outside diffq)."""
+  Needs the numpy exports of configs/export_dit.py at c.params and c.sample.vae; the samples are decoded by the
+  VAE into samples.npz, which the ADM evaluator scores (no ImageNet reference statistics in diffq)."""
   c.params = "dit_xl2_256.npz"
+  c.sample.vae = "sd_vae_ft_ema.npz"
+  c.sample.grid_classes, c.sample.grid_per_class = "207,360,387,974,88,979,417,279", 8  # DiT's sample.py classes
   c.sample.cfg_scale, c.sample.clip_x0, c.sample.evaluate = 3.0, False, False
   c.sample.num_samples, c.sample.batch_size = 1000, 8
   c.calib.num_images = 8

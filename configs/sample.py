@@ -42,9 +42,10 @@ def get_config(arg=None):
 
 
 def xl2(c):
-  """DiT-XL/2-256 on ImageNet latents as the DiT paper samples it for FID-50K: 250 DDPM steps, CFG 1.5, latents
+  """DiT-XL/2-256 on ImageNet latents with the DiT paper's FID-50K settings: 250 DDPM steps, CFG 1.5, latents
   unclipped, decoded by SD-VAE (ft-EMA); the exports come from configs/export_dit.py. Scoring is the ADM
-  evaluator's on samples.npz (no ImageNet reference statistics in diffq)."""
+  evaluator's on samples.npz (no ImageNet reference statistics in diffq). DiT's released sampler guides only 3
+  of the 4 latent channels; diffq guides all 4 (the CFG formula as written), so FID can differ slightly."""
   c.params = "dit_xl2_256.npz"                     # configs/export_dit.py of DiT-XL-2-256x256.pt
   c.vae = "sd_vae_ft_ema.npz"                      # configs/export_dit.py of stabilityai/sd-vae-ft-ema
   c.method, c.spacing, c.cfg_scale, c.clip_x0 = "ddpm", "250", 1.5, False

@@ -13,8 +13,8 @@ For DiT-XL/2 at 256 (32x32x4 latents) and 512 (64x64x4), and each method's plan 
   dit.init_states over the method's spec table: nothing is allocated);
 - peak activations per image of one network call under CFG (2 rows): a block's live tensors in float32,
   tokens x (D residual + 3D qkv + 4D MLP hidden + D output) + heads x tokens^2 attention, analytic;
-- SD-VAE decode per image: the decoder's largest level (128 channels at full resolution, 3 live tensors,
-  float32) + its mid-block attention ((H/8 W/8)^2), analytic;
+- SD-VAE decode per image: the full-resolution tensors live at once (the last upsampler's 256-channel input and
+  output, the first 128-channel ResNet output; float32) + its mid-block attention ((H/8 W/8)^2), analytic;
 - calibration per device: the FP trajectory of calib.num_images (8) images, every step's latents, plus the
   statistics the spec table's parts ask for (per layer: in x in for XᵀX, 3 x in per step for min/max ranges),
   float32;
@@ -108,8 +108,11 @@ def activation_bytes(cfg: dit.DiTConfig, rows: int) -> int:
 
 
 def vae_decode_bytes(vcfg: vae.VAEConfig, latent: int) -> int:
+  """The last upsampler's input and output (block_out_channels[1] each) and the first full-resolution ResNet's
+  output (block_out_channels[0]) are live at once at full resolution; + the mid-block attention matrix."""
   hw = (latent * vcfg.downsample_factor) ** 2
-  return 4 * (3 * vcfg.block_out_channels[0] * hw + latent ** 4)
+  c = vcfg.block_out_channels
+  return 4 * ((2 * c[min(1, len(c) - 1)] + c[0]) * hw + latent ** 4)
 
 
 def calibration_bytes(cfg: dit.DiTConfig, table, steps: int) -> int:

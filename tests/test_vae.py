@@ -81,6 +81,9 @@ def test_converter_errors_name_the_problem(tmp_path):
   (d / "config.json").write_text(json.dumps({**c, "up_block_types": ["AttnUpDecoderBlock2D"] * 3}))
   with pytest.raises(ValueError, match="only UpDecoderBlock2D"):
     diffusers_vae.load_diffusers_vae(str(d))
+  (d / "config.json").write_text(json.dumps({**c, "shift_factor": 0.1159}))
+  with pytest.raises(ValueError, match="shift_factor"):
+    diffusers_vae.load_diffusers_vae(str(d))
   (d / "config.json").write_text(json.dumps({**c, "_class_name": "AutoencoderTiny"}))
   with pytest.raises(ValueError, match="Expected an AutoencoderKL"):
     diffusers_vae.load_diffusers_vae(str(d))
@@ -96,6 +99,8 @@ def test_export_job_writes_a_vae_export_every_job_reads(tmp_path):
   ref_cfg, ref = diffusers_vae.load_diffusers_vae(TINY)
   assert cfg == ref_cfg
   jax.tree.map(np.testing.assert_array_equal, params, ref)
+  with pytest.raises(ValueError, match="num_heads is for .pt"):
+    export_dit.run(_with(c, num_heads=4), str(tmp_path / "w2"))
   with pytest.raises(ValueError, match="not a VAE export"):
     sample.load_vae(os.path.join(os.path.dirname(FIXTURES), "..", "diffq", "assets", "dit_fm_ema.npz"))
 

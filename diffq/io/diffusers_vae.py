@@ -28,8 +28,9 @@ def config_from_diffusers(cfg: dict) -> vae.VAEConfig:
   for key, kind in _BLOCK_TYPES.items():
     if any(b != kind for b in cfg.get(key, [kind])):
       raise ValueError(f"{key}={cfg[key]}: only {kind} blocks (the SD-VAE architecture) can be converted.")
-  if cfg.get("act_fn", "silu") != "silu" or cfg.get("latents_mean") is not None:
-    raise ValueError("Only SiLU AutoencoderKLs without latents_mean/std (the SD-VAE family) can be converted.")
+  if cfg.get("act_fn", "silu") != "silu" or cfg.get("latents_mean") is not None or cfg.get("shift_factor"):
+    raise ValueError("Only SiLU AutoencoderKLs without latents_mean/std or shift_factor (the SD-VAE family, whose "
+                     "latents are z * scaling_factor) can be converted.")
   chans = tuple(cfg.get("block_out_channels", (64,)))
   for key in _BLOCK_TYPES:
     if key in cfg and len(cfg[key]) != len(chans):

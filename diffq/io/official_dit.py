@@ -71,7 +71,9 @@ def params_from_state_dict(sd: dict[str, np.ndarray], config: dit.DiTConfig) -> 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """A torch checkpoint's tensors as float32 numpy, loaded with weights_only=True (no code from the file runs).
-  Accepts a plain state dict (the released files) or a train.py checkpoint's {'ema': state dict, ...}."""
+  Accepts a plain state dict (the released files) or a dict of tensors-only entries with the state dict under
+  'ema'; DiT's train.py checkpoints also hold an argparse Namespace, which weights_only refuses (the error says
+  how to re-save the EMA alone)."""
   try:
     import torch
   except ImportError as e:

@@ -22,8 +22,14 @@ def read_source(config):
   if not os.path.exists(src):
     raise FileNotFoundError(f"No model at {src} (--config.source): a training workdir, a DiT export (.npz), a "
                             "diffusers DiTTransformer2DModel / AutoencoderKL directory or a DiT .pt checkpoint.")
+  if config.num_heads and not src.endswith((".pt", ".pth")):
+    raise ValueError(f"--config.num_heads is for .pt checkpoints (which do not store it); {src} has its own "
+                     "architecture record: unset num_heads.")
   diffusers_cfg = os.path.join(src, "config.json")
   if os.path.isdir(src) and os.path.exists(os.path.join(src, diffusers_vae.WEIGHTS_NAME)):
+    if not os.path.exists(diffusers_cfg):
+      raise FileNotFoundError(f"{src} holds {diffusers_vae.WEIGHTS_NAME} but no config.json: copy the model's "
+                              "config.json next to it (diffusers save_pretrained writes both).")
     with open(diffusers_cfg) as f:
       if json.load(f).get("_class_name") == "AutoencoderKL":
         return (sample.VAE_KIND, *diffusers_vae.load_diffusers_vae(src), None)

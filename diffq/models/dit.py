@@ -188,9 +188,9 @@ class Attention(_SpecScope):
     h = self.num_heads
     qkv = self.linear("qkv", 3 * d)(x, ctx).reshape(n, t, 3, h, d // h)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(d // h)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", attn, v).reshape(n, t, d)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d // h)
+    attn = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", attn, v, preferred_element_type=jnp.float32).astype(x.dtype).reshape(n, t, d)
     return self.linear("proj", d)(out, ctx)
 
 
