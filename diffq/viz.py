@@ -19,10 +19,9 @@ def grid(images_u8: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
 
 
 def class_grid(images_u8: np.ndarray, labels: np.ndarray, classes, per_class: int) -> np.ndarray:
-  """Mosaic with one row per class of `classes` (ids; an int n: 0..n-1), its first `per_class` samples, for
-  eyeballing conditioning."""
+  """Mosaic with one row per class id in `classes`, its first `per_class` samples, for eyeballing conditioning."""
   rows = []
-  for k in (range(classes) if isinstance(classes, int) else classes):
+  for k in classes:
     sel = images_u8[labels == k][:per_class]
     if len(sel) < per_class:
       sel = np.concatenate([sel, np.full((per_class - len(sel),) + images_u8.shape[1:], 255, np.uint8)])
