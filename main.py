@@ -5,9 +5,12 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config(arg)).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.json, samples and exports.")
+flags.DEFINE_string("coordinator_address", "", "Multi-process runs JAX cannot auto-detect: host:port of process 0.")
+flags.DEFINE_integer("num_processes", 0, "With --coordinator_address: the number of processes.")
+flags.DEFINE_integer("process_id", -1, "With --coordinator_address: this process's id, 0..num_processes-1.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-JOBS = ("train", "sample", "evaluate", "quantize", "icc", "export_dit", "train_classifier")
+JOBS = ("train", "sample", "evaluate", "quantize", "icc", "export_dit", "train_classifier", "encode_latents")
 
 
 def main(argv):
@@ -19,7 +22,8 @@ def main(argv):
   from diffq import parallel
   from diffq.jobs import common
   common.quiet_library_logs()
-  parallel.maybe_initialize_distributed(config.get("distributed", False))
+  parallel.maybe_initialize_distributed(config.get("distributed", False), FLAGS.coordinator_address,
+                                        FLAGS.num_processes, FLAGS.process_id)
   import importlib
   job = importlib.import_module(f"diffq.jobs.{config.job}")
   logging.info("Config:\n%s", config)

@@ -5,7 +5,7 @@ activations, sample, evaluate, export.
   python main.py --config=configs/dit_w2a4.py:act=static --workdir=runs/w2a4_static    # wave 1's MPQ-DM W2A4
   python main.py --config=configs/dit_w2a4.py:w=3,a=4,method=uniform --workdir=runs/w3a4_uniform
   python main.py --config=configs/dit_w2a4.py:quick --workdir=/tmp/w2a4_quick          # smoke run, < 3 min
-  python main.py --config=configs/dit_w2a4.py:xl2 --workdir=...                        # DiT-XL/2 set-up (see below)
+  python main.py --config=configs/dit_w2a4.py:xl2 --workdir=runs/xl2_w2a4               # DiT-XL/2 (README: pods)
 
 Methods (`method=`; every field stays overridable with --config.quant.X / --config.distill.X):
   uniform      plain PTQ: per-channel MSE weights, per-step per-tensor MSE activations, no training
@@ -92,7 +92,8 @@ def get_config(arg=None):
                          train=bool(m.get("pv")),  # distillation trains the codebooks and scales (P-step)
                          update_codes=True))    # ... and, when training, re-encodes codes (PV-tuning's V-step)
   # Data-free calibration set: the FP model's own DDIM trajectory (same sampler as evaluation, other seed).
-  c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384)
+  c.calib = dict(num_images=8, seed=1000, omq_images_per_step=2, act_sample_size=16384,
+                 compute_dtype="float32")  # the trajectory's and statistics pass's: float32 | bfloat16
   # MPQ-DM's released recipe except the length (16,000 steps there) and the loop (`loop=`); 0 trajectories = PTQ.
   # PV-tuning (method=vq_pv) runs AQLM's LAMB steps at a third of their size with the eps MSE weighted by each
   # step's effect on x_{t-1}, 8-bit activation quantizers frozen (experiments/results/pv_diag.md).
@@ -107,6 +108,7 @@ def get_config(arg=None):
                    vq_lr=1e-4, code_lr=3e-3, vq_lamb=True, max_code_change=0.01, code_beam=5, semi="none",
                    # loss_norm none | mean | running | x_prev (per-position eps-MSE weight), grad_clip (0 = off)
                    loss_norm="x_prev" if pv else "none", loss_norm_decay=0.9, grad_clip=0.0,
+                   compute_dtype="float32",  # student and teacher: float32 | bfloat16
                    **LOOPS[arg.loop])
   if not (m["lora"] or pv):
     c.distill.trajectories = 0
@@ -122,13 +124,13 @@ def get_config(arg=None):
 
 
 def _xl2(c):
-  """DiT-XL/2-256 on ImageNet latents (MPQ-DM's ImageNet sampler: DDIM 20, eta 0, CFG 3.0; latents unclipped).
-  Needs the numpy exports of configs/export_dit.py at c.params and c.sample.vae; the samples are decoded by the
-  VAE into samples.npz, which the ADM evaluator scores (no ImageNet reference statistics in diffq)."""
-  c.params = "dit_xl2_256.npz"
-  c.sample.vae = "sd_vae_ft_ema.npz"
-  c.sample.grid_classes, c.sample.grid_per_class = "207,360,387,974,88,979,417,279", 8  # DiT's sample.py classes
-  c.sample.cfg_scale, c.sample.clip_x0, c.sample.evaluate = 3.0, False, False
-  c.sample.num_samples, c.sample.batch_size = 1000, 8
+  """DiT-XL/2-256 on ImageNet latents with MPQ-DM's ImageNet sampler (DDIM 20, eta 0, CFG 3.0), 50k
+  class-balanced samples as its released evaluation scripts draw, and its distillation length (800 trajectories
+  x 20 steps = 16,000 optimiser steps); outputs as configs/sample.py's `xl2_outputs`."""
+  c.params = sample_config.XL2_PARAMS
+  sample_config.xl2_outputs(c.sample)
+  c.sample.cfg_scale = 3.0
+  c.sample.num_samples, c.sample.batch_size = 50000, 64
   c.calib.num_images = 8
-  c.distill.trajectories = 800
+  if c.distill.trajectories:  # methods that train
+    c.distill.trajectories = 800

@@ -24,10 +24,12 @@ def get_config(arg=None):
   c.t_weak_guide = -1
   c.weak_patch = 0                         # the weak steps' patch size (one of the model's patch_sizes)
   c.compute_dtype = "float32"              # float32 | bfloat16 (activations and matmuls; params, sums float32)
+  c.execution = "float"                    # float | integer: a quantized export's layers as int8 matmuls
   c.method = "ddim"                        # ddim | ddpm
   c.eta = 0.0
   c.clip_x0 = True                         # ADM clip_denoised: right for pixel data (DiT's latents: False)
   c.cfg_scale = 3.0                        # the protocol CFG: lowest FID of experiments/results/fp_cfg.md
+  c.cfg_channels = 0                       # guided eps channels, the first N (0 = all; DiT's sampler: 3 of 4)
   c.num_devices = 0
   c.distributed = False
   c.grid_per_class = 10
@@ -41,15 +43,24 @@ def get_config(arg=None):
   return c
 
 
-def xl2(c):
-  """DiT-XL/2-256 on ImageNet latents with the DiT paper's FID-50K settings: 250 DDPM steps, CFG 1.5, latents
-  unclipped, decoded by SD-VAE (ft-EMA); the exports come from configs/export_dit.py. Scoring is the ADM
-  evaluator's on samples.npz (no ImageNet reference statistics in diffq). DiT's released sampler guides only 3
-  of the 4 latent channels; diffq guides all 4 (the CFG formula as written), so FID can differ slightly."""
-  c.params = "dit_xl2_256.npz"                     # configs/export_dit.py of DiT-XL-2-256x256.pt
-  c.vae = "sd_vae_ft_ema.npz"                      # configs/export_dit.py of stabilityai/sd-vae-ft-ema
-  c.method, c.spacing, c.cfg_scale, c.clip_x0 = "ddpm", "250", 1.5, False
-  c.num_samples, c.batch_size = 50000, 256         # class-balanced: 50 per class
-  c.evaluate = False
-  c.grid_classes = "207,360,387,974,88,979,417,279"  # DiT's sample.py classes
+XL2_PARAMS = "dit_xl2_256.npz"   # configs/export_dit.py of DiT-XL-2-256x256.pt
+XL2_VAE = "sd_vae_ft_ema.npz"     # configs/export_dit.py of stabilityai/sd-vae-ft-ema
+
+
+def xl2_outputs(c):
+  """The DiT-XL/2 settings every method shares (on a sample config): SD-VAE decoding, latents unclipped, CFG on
+  3 of the 4 latent channels as DiT's released sampler, DiT's sample.py grid classes, no in-process scoring (the
+  ADM evaluator scores samples.npz; diffq has no ImageNet reference statistics)."""
+  c.vae = XL2_VAE
+  c.clip_x0, c.cfg_channels, c.evaluate = False, 3, False
+  c.grid_classes = "207,360,387,974,88,979,417,279"
   c.grid_per_class = 8
+
+
+def xl2(c):
+  """DiT-XL/2-256 on ImageNet latents with the DiT paper's FID-50K settings: 250 DDPM steps, CFG 1.5, 50k
+  class-balanced samples (`xl2_outputs`)."""
+  c.params = XL2_PARAMS
+  xl2_outputs(c)
+  c.method, c.spacing, c.cfg_scale = "ddpm", "250", 1.5
+  c.num_samples, c.batch_size = 50000, 256         # class-balanced: 50 per class

@@ -32,12 +32,13 @@ PARTS = ("smooth", "rotate", "weight", "input", "cache")  # calibration order wi
 
 
 def fp_trajectory(model_fn: Callable, variables, key, labels, plan: plan_lib.StepPlan, shape, cfg_scale: float,
-                  null_class: int, eta: float = 0.0, clip_x0: bool = False, state=None):
-  """Model inputs of every step of the sampler: xs (S, N, *shape); the labels and plan give y and t."""
+                  null_class: int, eta: float = 0.0, clip_x0: bool = False, state=None, cfg_channels: int = 0):
+  """Model inputs of every step of the sampler: xs (S, N, *shape); the labels and plan give y and t
+  (`cfg_channels`: see sampler.guided)."""
   ids = jnp.arange(labels.shape[0])
   _, xs = sampler.sample(model_fn, variables, key, labels, ids, plan=plan, shape=shape, method="ddim", eta=eta,
                          cfg_scale=cfg_scale, null_class=null_class, clip_x0=clip_x0, state=state,
-                         return_trajectory=True)
+                         return_trajectory=True, cfg_channels=cfg_channels)
   return xs
 
 
@@ -105,7 +106,8 @@ def _sample_index(size: int, sample_size: int):
 
 def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTable, cal: CalibrationSet,
                requests: dict[str, tuple[str, ...]], sample_size: int = 16384, images_per_step: int = 2,
-               transforms: dict[str, Callable] | None = None) -> dict[str, dict[str, jax.Array]]:
+               transforms: dict[str, Callable] | None = None, dtype: str = "float32"
+               ) -> dict[str, dict[str, jax.Array]]:
   """{layer path: {statistic: array}} of the model under `table` over the calibration set, for the statistics
   `requests` names per layer. Per step (leading axis S): in_min, in_max (in,) per-channel input range;
   in_sample (k,) the input's entries at `sample_size` fixed random flat indices (every entry if the tensor is
@@ -114,8 +116,9 @@ def statistics(model_cfg: dit.DiTConfig, variables: dict, table: spec_lib.SpecTa
   in_delta_min, in_delta_max (in,), in_delta_sample (k,) of the input increments x_i - x_{i-1}. in_rows: the
   inputs of the first `images_per_step` images (and their guidance twins), steps concatenated
   (S * rows, ..., in). Summed over steps (no leading axis): in_xtx (in, in), the input's X^T X over every row,
-  token and step. A layer in `transforms` ({path: fn}) has its statistics taken of fn(input) instead."""
-  model = dit.DiT(config=model_cfg, specs=tuple(table))
+  token and step. A layer in `transforms` ({path: fn}) has its statistics taken of fn(input) instead. `dtype`:
+  the network's compute dtype (the statistics are of its float32 layer inputs)."""
+  model = dit.DiT(config=model_cfg, specs=tuple(table), dtype=dtype)
   n = cal.xs.shape[1]
   keep = jnp.concatenate([jnp.arange(images_per_step), n + jnp.arange(images_per_step)]) \
       if cal.cfg_scale != 1.0 else jnp.arange(images_per_step)
@@ -223,7 +226,8 @@ def quant_template(model_cfg: dit.DiTConfig, table: spec_lib.SpecTable) -> dict:
 def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, table: spec_lib.SpecTable, *,
               base_table: spec_lib.SpecTable = (), parts: tuple[str, ...] = PARTS,
               omq_fractions: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5), omq_images_per_step: int = 2,
-              act_sample_size: int = 16384, vq_settings: vq.FitSettings = vq.FitSettings()) -> tuple[dict, dict]:
+              act_sample_size: int = 16384, vq_settings: vq.FitSettings = vq.FitSettings(),
+              dtype: str = "float32") -> tuple[dict, dict]:
   """(`quant` collection of the model under `table`, report {layer: {omq_k, ...}}).
 
   Statistics come from the model `variables` runs under `base_table` (the FP network for quantization; a
@@ -231,7 +235,8 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
   `variables["quant"]`, or their neutral initial values): smoothing scales (SmoothQuant on the inputs' absmax),
   rotation signs (rotation.random_signs), weight quantizers (OMQ bit vectors with k searched over `omq_fractions`,
   then MSE ranges; additive VQ fitted under `vq_settings`, layers of one `share` group jointly), per-step input
-  quantizers, ICC factors. LoRA stays at its initialisation (B = 0: merged weight = FP weight)."""
+  quantizers, ICC factors. LoRA stays at its initialisation (B = 0: merged weight = FP weight). `dtype`: the
+  statistics pass's compute dtype."""
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     raise ValueError(f"Unknown calibration parts {unknown}; known: {PARTS}.")
@@ -250,7 +255,7 @@ def calibrate(model_cfg: dit.DiTConfig, variables: dict, cal: CalibrationSet, ta
     else:
       raw[p] = needs(s, ("smooth", "weight", "input", "cache"))
   pass_stats = lambda requests, transforms=None: statistics(
-      model_cfg, variables, base_table, cal, requests, act_sample_size, omq_images_per_step, transforms) \
+      model_cfg, variables, base_table, cal, requests, act_sample_size, omq_images_per_step, transforms, dtype) \
       if requests else {}
   stats = pass_stats({p: tuple(dict.fromkeys(n)) for p, n in raw.items() if n})
   qs, kernels = {}, {}

@@ -70,7 +70,9 @@ TRAJECTORIES = ("fp", "quant")
 LOSS_ON = ("guided", "branches")
 # The remedies' settings at their wave-1 values: a settings record leaves them out then, so the distillation
 # stages cached before they existed stay reusable (diffq.jobs.quantize).
-REMEDY_DEFAULTS = dict(loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp", loss_on="guided")
+# Settings left out of stage records at these values, so records made before the settings existed stay valid.
+UNRECORDED_DEFAULTS = dict(loss_norm="none", loss_norm_decay=0.9, grad_clip=0.0, trajectory="fp", loss_on="guided",
+                           compute_dtype="float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,7 @@ class DistillConfig:
   grad_clip: float = 0.0            # > 0: clip the gradient's global norm before Adam (optax.clip_by_global_norm)
   trajectory: str = "fp"            # x_{t-1} from the FP output (teacher forcing) | "quant" (the student's own)
   loss_on: str = "guided"           # eps MSE of the CFG-combined output | "branches": of the cond and uncond rows
+  compute_dtype: str = "float32"    # the student's and teacher's activations and matmuls (float32 | bfloat16)
 
   @classmethod
   def from_config(cls, cfg, ignore: tuple[str, ...] = ()) -> "DistillConfig":
@@ -310,13 +313,14 @@ class Distiller:
 
   def __init__(self, model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, table: spec_lib.SpecTable,
                cfg: DistillConfig, *, cfg_scale: float, eta: float = 0.0, clip_x0: bool = False,
-               post_update: Callable | None = None, trajectory_start: Callable | None = None):
+               cfg_channels: int = 0, post_update: Callable | None = None,
+               trajectory_start: Callable | None = None):
     self.model_cfg, self.plan, self.table, self.cfg = model_cfg, plan, tuple(table), cfg
     self.post_update, self.trajectory_start = post_update, trajectory_start
     if eta != 0.0:
       raise ValueError(f"Distillation follows the deterministic DDIM trajectory (eta = 0, as MPQ-DM's ImageNet "
                        f"recipe); got eta={eta}. Set sample.eta=0.")
-    self.cfg_scale, self.clip_x0 = cfg_scale, clip_x0
+    self.cfg_scale, self.clip_x0, self.cfg_channels = cfg_scale, clip_x0, cfg_channels
     self.num_steps = cfg.trajectories * len(plan.steps)
     self.shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
     self._lrs = None
@@ -341,7 +345,8 @@ class Distiller:
     feat = (rows, self.model_cfg.grid_size ** 2, self.model_cfg.hidden_size)
     state = dict(step=jnp.zeros((), jnp.int32), quant=train, discrete=discrete, opt_state=self.optimizer().init(train),
                  x=jnp.zeros((self.cfg.images, *self.shape)), acc_fp=jnp.zeros(feat), acc_q=jnp.zeros(feat),
-                 model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table),
+                 model_state=dit.init_state(dit.DiT(config=self.model_cfg, specs=self.table,
+                                                    dtype=self.cfg.compute_dtype),
                                             dit.variable_shapes(self.model_cfg, self.table), rows))
     if self.cfg.loss_norm == "running":  # per trajectory position: EMA of the eps MSE (0 = not visited yet)
       state["loss_scale"] = jnp.zeros((len(self.plan.steps),))
@@ -393,7 +398,7 @@ class Distiller:
   def _forward(self, specs, variables, x, t, y, step, model_state=None):
     """(guided output (B, H, W, 2C), last-block tokens (rows, T, D), the model's next state, the uncombined output
     (rows, H, W, 2C)) for one CFG network batch; `model_state` (the parts' state collections, e.g. MoDiff's reconstructions) advances by this call."""
-    model = dit.DiT(config=self.model_cfg, specs=specs)
+    model = dit.DiT(config=self.model_cfg, specs=specs, dtype=self.cfg.compute_dtype)
     last = f"blocks_{self.model_cfg.depth - 1}"
     batch = sampler.cfg_batch(x, t, y, self.model_cfg.num_classes) if self.cfg_scale != 1.0 else (x, t, y)
     model_state = model_state or {}
@@ -403,7 +408,7 @@ class Distiller:
     tokens = inter["intermediates"][last]["__call__"][0]
     raw = out
     if self.cfg_scale != 1.0:
-      out = sampler.cfg_combine(out, self.shape[-1], self.cfg_scale)
+      out = sampler.cfg_combine(out, self.cfg_channels or self.shape[-1], self.cfg_scale)
     return out, tokens, {k: inter[k] for k in model_state}, raw
 
   def step(self, state, frozen, params, x_T, labels):

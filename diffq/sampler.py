@@ -43,14 +43,16 @@ def weak_guide_scale(cfg_scale: float) -> float:
 
 
 def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepContext, cfg_scale: float,
-           null_class: int):
-  """(output, state) of one network call with classifier-free guidance on the eps channels (see `cfg_combine`;
-  the state holds one row per network row, i.e. 2N under guidance). (DiT's forward_with_cfg guides only the
-  first 3 of 4 latent channels; diffq guides all C.) A 'weak_guide' step guides the conditional prediction by
-  the conditional prediction at the kind's guide_patch_size instead of the unconditional one, at scale
-  `weak_guide_scale(cfg_scale)` (two calls of N rows; such steps keep no state)."""
+           null_class: int, cfg_channels: int = 0):
+  """(output, state) of one network call with classifier-free guidance on the first `cfg_channels` eps channels
+  (0 = all C; see `cfg_combine`; the state holds one row per network row, i.e. 2N under guidance). DiT's
+  released forward_with_cfg guides only 3 of 4 latent channels (cfg_channels=3), the others come from the
+  conditional half, which is what its and ICC's published FIDs were sampled with. A 'weak_guide' step guides
+  the conditional prediction by the conditional prediction at the kind's guide_patch_size instead of the
+  unconditional one, at scale `weak_guide_scale(cfg_scale)` (two calls of N rows; such steps keep no state)."""
   if cfg_scale == 1.0:
     return model_fn(variables, state, x, t, y, ctx)
+  c = cfg_channels or x.shape[-1]
   if ctx.kind.cfg == "weak_guide":
     if state:
       raise ValueError(f"Step kind {ctx.kind.name!r} guides by a weak branch, which cannot carry sampler state "
@@ -59,11 +61,10 @@ def guided(model_fn: Callable, variables, state, x, t, y, ctx: plan_lib.StepCont
     weak = plan_lib.StepContext(ctx.index, ctx.kind.guide_call())
     cond, _ = model_fn(variables, state, x, t, y, ctx)
     guide, _ = model_fn(variables, state, x, t, y, weak)
-    c = x.shape[-1]
     eps = guide[..., :c] + weak_guide_scale(cfg_scale) * (cond[..., :c] - guide[..., :c])
     return jnp.concatenate([eps, cond[..., c:]], axis=-1), state
   out, state = model_fn(variables, state, *cfg_batch(x, t, y, null_class), ctx)
-  return cfg_combine(out, x.shape[-1], cfg_scale), state
+  return cfg_combine(out, c, cfg_scale), state
 
 
 def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise, clip_x0: bool = False):
@@ -87,14 +88,15 @@ def denoise_step(s: gaussian.Schedule, method: str, eta: float, out, x, t, noise
 def sample(model_fn: Callable, variables, key: jax.Array, labels: jax.Array, sample_ids: jax.Array, *,
            plan: plan_lib.StepPlan, shape: tuple[int, ...], method: str = "ddim", eta: float = 0.0,
            cfg_scale: float = 1.0, null_class: int = 0, clip_x0: bool = False, state=None,
-           return_trajectory: bool = False):
+           return_trajectory: bool = False, cfg_channels: int = 0):
   """Draws x_0 for `labels` (N,). model_fn(variables, state, x, t_model, y, ctx) -> ((N, *shape[:-1], 2C),
   state) (the module docstring's contract); `state` is its initial state (None: the model keeps none), reset
   at the start of every segment of the plan (a plan with several patch sizes: {patch size: its initial state},
   `dit.init_states`). Returns x_0 (N, *shape), and with `return_trajectory` also the
   model inputs x_t of every step (S, N, *shape) (the data-free calibration set).
 
-  Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class static.
+  `cfg_channels`: see `guided`. Wrap in jax.jit with plan/shape/method/eta/cfg_scale/null_class/cfg_channels
+  static.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown sampling method {method!r}; choose one of {METHODS}.")
@@ -109,7 +111,7 @@ def sample(model_fn: Callable, variables, key: jax.Array, labels: jax.Array, sam
     def call(x, state, i, t_model):
       t = jnp.full((x.shape[0],), t_model)
       return guided(model_fn, variables, state, x, t, labels, plan_lib.StepContext(i, kind), cfg_scale,
-                    null_class)
+                    null_class, cfg_channels)
     return call
 
   def run_segment(x, start, stop):

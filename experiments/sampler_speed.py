@@ -10,7 +10,9 @@ suffix (the MLP as one increment through the linearised GELU), `ddimN` (full DDI
 `weakT_gG` (a FlexiDiT --params: the first T of the 20 steps at its weak patch size, the guidance branch weak up to
 step G; `fp` is then its powerful mode), or
 `q:<workdir>` (a quantize job's re-imported export `<workdir>/quantized.npz` on DDIM-20, the model its job samples);
-any of them with `@bfloat16` appended runs the network in that compute dtype (`sample.compute_dtype`).
+any of them with `@bfloat16` appended runs the network in that compute dtype (`sample.compute_dtype`), and a
+`q:` variant with `@integer` runs its layers as int8 matmuls (`sample.execution`); `--params` may be any
+export, e.g. a `random:` one of configs/export_dit.py at XL/2 widths.
 Every variant is jitted and run once (compilation) before timing,
 then all variants are timed in turn `--repeats` times on the same batch (interleaved, so machine noise hits them
 alike); the table reports the median, the ratio to `fp`'s median, and the median (with quartiles) of the
@@ -91,9 +93,14 @@ def main() -> None:
                                       np.arange(args.batch, dtype=np.int32)), mesh)
   runs = {}
   for name in names:
-    base, _, dtype = name.partition("@")
+    base, *options = name.split("@")
+    bad = set(options) - {"bfloat16", "float32", "integer"}
+    if bad:
+      raise SystemExit(f"Unknown variant options {sorted(bad)} in {name!r}: use @bfloat16 and/or @integer.")
     plan, table, variables = variant(base, model_cfg, params)
-    conf.compute_dtype = dtype or "float32"
+    conf.compute_dtype = "bfloat16" if "bfloat16" in options else "float32"
+    conf.execution = "integer" if "integer" in options else "float"
+    table, _ = sample.execution_specs(conf, model_cfg, table)
     fn = sample.make_sample_fn(model_cfg, plan, conf, mesh, table)
     variables = jax.device_put(variables, parallel.replicated(mesh))
     t0 = time.perf_counter()

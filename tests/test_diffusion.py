@@ -136,3 +136,21 @@ def test_unknown_method_and_kind():
     _run([0], [0], method="euler")
   with pytest.raises(ValueError, match="Unknown step kinds"):
     plan_lib.StepPlan(schedule=base(), steps=(1, 0), kinds=("full", "warp"))
+
+
+@pytest.mark.parametrize("cfg_channels", [0, 3])
+def test_guidance_on_the_first_channels_is_dits_forward_with_cfg(cfg_channels):
+  """cfg_channels=3 reproduces facebookresearch/DiT's forward_with_cfg (written out in numpy from its models.py:
+  eps, rest = out[:, :3], out[:, 3:]; guided eps on both halves, then the conditional half); 0 guides all."""
+  rng = np.random.default_rng(0)
+  out = rng.normal(size=(4, 2, 2, 8)).astype(np.float32)  # [cond; uncond] rows, 4 eps + 4 sigma channels
+  model_fn = lambda v, s, x, t, y, ctx: (jnp.asarray(out), s)
+  x = jnp.zeros((2, 2, 2, 4))
+  got, _ = sampler.guided(model_fn, {}, {}, x, jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32),
+                          plan_lib.StepContext(), 1.5, 10, cfg_channels)
+  c = cfg_channels or 4
+  eps, rest = out[..., :c], out[..., c:]
+  cond_eps, uncond_eps = np.split(eps, 2)
+  half = uncond_eps + 1.5 * (cond_eps - uncond_eps)
+  ref = np.concatenate([np.concatenate([half, half]), rest], axis=-1)[:2]
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)

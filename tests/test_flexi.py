@@ -174,6 +174,18 @@ def test_macs_reproduce_the_papers_dit_xl2_percentages(cond, guide, percent):
   assert 100 * flops.macs_per_image(xl, plan, 4.0) / full == pytest.approx(percent, abs=0.05)
 
 
+def test_the_xl2_sampling_config_runs_the_papers_64_percent_point():
+  from configs import dit_flexi
+  from diffq.jobs import sample
+  c = dit_flexi.get_config("xl2")
+  assert (c.method, c.spacing, c.cfg_scale, c.weak_patch) == ("ddpm", "250", 1.5, 4)
+  xl = dit.preset("DiT-XL/2", patch_sizes=(4,))
+  plan = plan_lib.make_plan(c.diffusion_steps, c.spacing, weak_patch=c.weak_patch, t_weak=c.t_weak)
+  full = flops.macs_per_image(xl, plan_lib.make_plan(1000, "250"), c.cfg_scale)
+  assert 100 * flops.macs_per_image(xl, plan, c.cfg_scale) / full == pytest.approx(63.8, abs=0.05)
+  assert sample.weak_settings(c) == dict(t_weak=120, t_weak_guide=-1, weak_patch=4)
+
+
 def _flexi_steps(num_devices, init, steps=2):
   from configs import train_flexidit_fm
   from diffq import configlib, parallel

@@ -37,7 +37,7 @@ def quantized_model(case):
   table = (("x_embedder", BOUNDARY), ("*", rules.scalar_spec(steps=2, **{**CASES, **STATEFUL}[case])))
   quant = jax.tree.map(np.array, calibrate.quant_template(CFG, table))
   rng = np.random.default_rng(0)
-  for p in quantized._layer_paths(quant):
+  for p in quantized.quantized_layer_paths(quant):
     q, spec = quantized._get(quant, p), spec_lib.resolve(p, table)
     kernel = quantized._get(PARAMS, p)["kernel"]
     if spec.smooth:
@@ -105,7 +105,7 @@ def test_mixed_bits_pack_each_channel_at_its_width_and_keep_the_mean(tmp_path):
     np.testing.assert_array_equal(packed[offsets[c]:offsets[c + 1]], pack.pack(codes[:, c], int(b)))
   # Expected mean stored bits over every matmul kernel + embedding: x_embedder at 8, float label table at 32.
   total = bits_sum = 0
-  for p in quantized._layer_paths(quant):
+  for p in quantized.quantized_layer_paths(quant):
     k = quantized._get(PARAMS, p)["kernel"]
     b = 8 if p == "x_embedder" else quantized._get(quant, p)["w_bits"].reshape(-1)
     bits_sum += np.sum(np.broadcast_to(b, (k.shape[1],))) * k.shape[0]

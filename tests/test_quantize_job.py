@@ -69,6 +69,48 @@ def test_uniform_ptq_has_no_distillation_and_samples_like_its_export(tiny_export
     sample.run(c, str(tmp_path / "other_plan"))
 
 
+def test_integer_execution_of_a_w8a8_export_draws_the_float_samples_up_to_rounding(tiny_export, tmp_path):
+  c = dit_w2a4.get_config("quick,method=uniform,w=8,a=8,act=static")
+  c.params, c.num_devices = tiny_export, 1
+  c.sample.update(num_samples=10, batch_size=10, spacing="ddim4", evaluate=False)
+  quantize.run(c, str(tmp_path))
+  from configs import sample as sample_config
+  s = sample_config.get_config("quick")
+  s.update(params=str(tmp_path / "quantized.npz"), num_samples=10, batch_size=10, spacing="ddim4", evaluate=False,
+           num_devices=1)
+  runs = {}
+  for mode in ("float", "integer"):
+    s.execution = mode
+    runs[mode] = sample.run(s, str(tmp_path / mode))
+    with np.load(tmp_path / mode / "samples.npz") as f:
+      runs[mode]["images"] = f["arr_0"].astype(np.int32)
+  n_layers = len(quantized.quantized_layer_paths(quantized.import_quantized(str(tmp_path / "quantized.npz"))[1]["quant"]))
+  assert runs["integer"]["integer_layers"] == n_layers and runs["integer"]["float_quantized_layers"] == 0
+  diff = np.abs(runs["integer"]["images"] - runs["float"]["images"])
+  assert runs["float"]["execution"] == "float" and diff.mean() < 0.05 and diff.max() <= 2
+  s.params = tiny_export  # an FP export has no codes to run as integers
+  with pytest.raises(ValueError, match="no layer that can run as an integer matmul"):
+    sample.run(s, str(tmp_path / "fp"))
+
+
+def test_bfloat16_calibration_and_distillation_stay_near_float32(tiny_export, tmp_path):
+  """calib.compute_dtype / distill.compute_dtype bfloat16: the calibrated activation ranges and the distillation
+  loss stay within a few percent of float32's on the same job."""
+  runs = {}
+  for dtype in ("float32", "bfloat16"):
+    c = job_cfg(tiny_export, method="efficientdm", trajectories=2)
+    c.quant.act, c.quant.rotate = "static", False
+    c.calib.compute_dtype = c.distill.compute_dtype = dtype
+    runs[dtype] = quantize.run(c, str(tmp_path / dtype))
+    runs[dtype]["calib"] = npz.flatten(npz.import_npz(str(tmp_path / dtype / "calibrated_quant.npz"))[0])
+  a_scales = [k for k in runs["float32"]["calib"] if k.endswith("a_scale")]
+  rel = [np.max(np.abs(runs["bfloat16"]["calib"][k] / runs["float32"]["calib"][k] - 1)) for k in a_scales]
+  assert a_scales and np.median(rel) < 0.02 and max(rel) < 0.1
+  assert np.isfinite(runs["bfloat16"]["train_loss"])
+  assert runs["bfloat16"]["train_loss"] == pytest.approx(runs["float32"]["train_loss"], rel=0.1)
+  assert runs["bfloat16"]["train_loss"] != runs["float32"]["train_loss"]  # the loop did run in bfloat16
+
+
 def test_unknown_method_is_refused():
   with pytest.raises(ValueError, match="Unknown method"):
     dit_w2a4.get_config("method=mpq")

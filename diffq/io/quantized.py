@@ -42,7 +42,7 @@ def deployed_table(table: spec_lib.SpecTable) -> tuple:
   return tuple((pat, spec.deployed()) for pat, spec in table)
 
 
-def _layer_paths(quant: dict) -> list[str]:
+def quantized_layer_paths(quant: dict) -> list[str]:
   """Layers with a quantized weight (scalar scales or VQ codes)."""
   return sorted({"/".join(k[:-1]) for k in flax.traverse_util.flatten_dict(quant) if k[-1] in LAYER_MARKS})
 
@@ -57,7 +57,7 @@ def integer_codes(params, quant, table: spec_lib.SpecTable) -> dict:
   """The `quant` collection of the `deployed_table(table)` model: per quantized layer its variables without
   lora_a/lora_b, plus w_codes (in, out) int32, the codes of the weight the fake-quant forward quantizes."""
   flat = {}
-  for p in _layer_paths(quant):
+  for p in quantized_layer_paths(quant):
     spec, q = spec_lib.resolve(p, table), _get(quant, p)
     if isinstance(spec.weight, weights.VQ):
       flat.update({f"{p}/{k}": v for k, v in q.items()})
@@ -81,7 +81,7 @@ def export_quantized(path: str, model_cfg: dit.DiTConfig, params, quant, table: 
   quant_int = jax.device_get(integer_codes(params, jax.device_get(quant), table))
   flat = {"params/" + k: np.asarray(v) for k, v in npz.flatten(params).items()}
   shapes, code_bits, quantizer_bits, n_quantized, owners, holders = {}, 0, 0, 0, {}, {}
-  for p in _layer_paths(quant_int):
+  for p in quantized_layer_paths(quant_int):
     part, q = spec_lib.resolve(p, table).weight, _get(quant_int, p)
     n_in, n_out = _get(params, p)["kernel"].shape
     if isinstance(part, weights.VQ):
@@ -184,8 +184,8 @@ def import_quantized(path: str) -> tuple[dit.DiTConfig, dict, tuple]:
   try:
     table = stored_table(meta)
     model_cfg, params, quant = dit.DiTConfig(**meta["model"]), tree["params"], tree.get("quant", {})
-    if set(meta["layers"]) != set(_layer_paths(quant)):
-      raise ValueError(f"quantized layers {_layer_paths(quant)[:3]}... differ from the manifest's "
+    if set(meta["layers"]) != set(quantized_layer_paths(quant)):
+      raise ValueError(f"quantized layers {quantized_layer_paths(quant)[:3]}... differ from the manifest's "
                        f"{sorted(meta['layers'])[:3]}...")
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{path} is a malformed quantized DiT export ({type(e).__name__}: {e}); re-export it with "

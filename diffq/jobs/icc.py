@@ -26,6 +26,7 @@ from diffq.seam import rules, spec as spec_lib
 
 def check_settings(config, mesh):
   """Validates the job's settings before any work; returns the plan."""
+  quantize.check_single_process("icc")
   plan = sample.check_settings(config.sample, mesh, "--config.sample.")
   if not any(k.cache == "read" for k in plan.step_kinds):
     raise ValueError(f"The plan has no cached step (sample.cache_pattern={config.sample.cache_pattern!r}); use "
@@ -37,18 +38,20 @@ def check_settings(config, mesh):
   if config.calib.num_images < 1:
     raise ValueError(f"calib.num_images must be >= 1; got {config.calib.num_images}.")
   parallel.check_batch_divisible(config.calib.num_images, mesh)
+  dit.check_compute_dtype(quantize.calib_dtype(config), "--config.calib.compute_dtype")
   return plan
 
 
 def add_caches(model_cfg, variables, base_table, ranks: dict, svd: str, calibration_set=None,
-               state_dtype: str = "float32", mlp: str = "layers") -> tuple:
+               state_dtype: str = "float32", mlp: str = "layers", dtype: str = "float32") -> tuple:
   """(spec table, variables) of the model `variables` runs under `base_table`, with ICC cache parts at `ranks`
   ({layer type: rank}) and their factors; `calibration_set()` is called for the statistics pass only if the
-  SVD needs channel statistics."""
+  SVD needs channel statistics (`dtype`: that pass's compute dtype)."""
   table = spec_lib.with_parts(base_table, dit.layer_paths(model_cfg), rules.icc_rules(ranks, svd, state_dtype, mlp),
                               "cache")
   cal = calibration_set() if any(s.cache.stats for _, s in table) else None
-  quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",))
+  quant, _ = calibrate.calibrate(model_cfg, variables, cal, table, base_table=base_table, parts=("cache",),
+                                 dtype=dtype)
   return table, {**variables, "quant": jax.device_get(quant)}
 
 
@@ -59,11 +62,12 @@ def run(config, workdir: str) -> dict:
   decoder = sample.prepare_outputs(config.sample, model_cfg)
   if base_table:
     sample.check_plan_matches_export(config.sample, config.params)
+  sample.check_execution(config.sample, model_cfg, base_table)
   t0 = time.time()
   table, variables = add_caches(
       model_cfg, variables, base_table, dict(config.icc.ranks), config.icc.svd,
       lambda: quantize.calibration_set(config, model_cfg, variables, plan, mesh, base_table), config.icc.state_dtype,
-      config.icc.mlp)
+      config.icc.mlp, quantize.calib_dtype(config))
   calib_seconds = time.time() - t0
   icc_params = sum(int(np.size(v)) for k, v in npz.flatten(variables["quant"]).items()
                    if k.endswith(("icc_a", "icc_b")))

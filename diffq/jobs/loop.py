@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffq import parallel
 from diffq.jobs import common
 
 STATE, META = "state", "meta"
@@ -97,7 +98,7 @@ def _all_finite(state) -> jax.Array:
 
 def _first_non_finite(pending) -> tuple[int, list[str]] | None:
   """(step, metric names) of the first entry of [(step, metrics)] with a NaN/inf metric, else None."""
-  for step, metrics in jax.device_get(pending):
+  for step, metrics in parallel.tree_to_host(pending):
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
     if bad:
       return step, bad
@@ -131,7 +132,7 @@ def run(step_fn: Callable, state, batch_at: Callable, *, mngr, writer, num_steps
       state, metrics = step_fn(state, *batch_at(step))
       pending.append((step, metrics))
       if last is not None and step % log_every == 0:
-        writer.write_scalars(step, jax.device_get(last))  # the previous step's: no sync on this one
+        writer.write_scalars(step, parallel.tree_to_host(last))  # the previous step's: no sync on this one
       last = metrics
       progress(step + 1)
       save = mngr.should_save(step + 1) or step + 1 == num_steps
@@ -143,7 +144,7 @@ def run(step_fn: Callable, state, batch_at: Callable, *, mngr, writer, num_steps
               f"Training diverged: the state after step {step} (0-based) holds NaN/inf although its metrics are "
               f"finite. To fix: {fix}. It was not saved (latest checkpoint: step {mngr.latest_step()}).")
         meta = dict(seconds=meta["seconds"] + time.time() - t0, metrics={k: float(v) for k, v in
-                                                                        jax.device_get(metrics).items()})
+                                                                        parallel.tree_to_host(metrics).items()})
         t0 = time.time()
         mngr.save(step + 1, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
                                                        META: ocp.args.JsonSave(meta)}), force=step + 1 == num_steps)

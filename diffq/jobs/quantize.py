@@ -67,18 +67,31 @@ def check_cached_stages(workdir: str, expected: dict[str, dict | None]) -> None:
     stages.check_reuse(stage, stored_settings(workdir, stage), expected[stage], later)
 
 
+def check_single_process(job: str, hint: str = "") -> None:
+  """Calibration and distillation run in one process (all its devices); refused on several."""
+  if jax.process_count() > 1:
+    raise ValueError(f"The {job} job's calibration runs in one process (all of its devices); this run has "
+                     f"{jax.process_count()}. Run it on one host{hint}.")
+
+
+def calib_dtype(config) -> str:
+  """The calibration trajectory's and statistics pass's compute dtype (calib.compute_dtype; float32 if absent)."""
+  return config.calib.get("compute_dtype", "float32")
+
+
 def calibration_set(config, model_cfg, variables, plan, mesh, table=()) -> calibrate.CalibrationSet:
   """The DDIM trajectory (every step full, at its patch size) of `calib.num_images` class-balanced images, drawn by the model
   `variables` runs under `table` (the FP model: `{"params": params}`, table ()) with the evaluation sampler."""
   s = config.sample
   n = config.calib.num_images
   labels = jax.device_put(jnp.arange(n, dtype=jnp.int32) % model_cfg.num_classes, parallel.batch_sharded(mesh))
-  fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table)))
+  fn = dit.model_fn(dit.DiT(config=model_cfg, specs=tuple(table), dtype=calib_dtype(config)))
   shape = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
   full = plan_lib.StepPlan(plan.schedule, plan.steps, tuple(plan_lib.at_patch("full", k.patch_size)
                                                            for k in plan.step_kinds))
   traj = jax.jit(lambda v, lab: calibrate.fp_trajectory(fn, v, jax.random.key(config.calib.seed), lab, full, shape,
-                                                         s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0))
+                                                         s.cfg_scale, model_cfg.num_classes, s.eta, s.clip_x0,
+                                                         cfg_channels=s.get("cfg_channels", 0)))
   return calibrate.CalibrationSet(traj(jax.device_put(variables, parallel.replicated(mesh)), labels),
                                   labels, full, s.cfg_scale, model_cfg.num_classes)
 
@@ -96,7 +109,8 @@ def calibrated_quant(config, model_cfg, params, table, plan, mesh, workdir, sett
                                       omq_fractions=tuple(config.quant.omq_fractions),
                                       omq_images_per_step=config.calib.omq_images_per_step,
                                       act_sample_size=config.calib.act_sample_size,
-                                      vq_settings=rules.vq_fit_settings(config.quant.vq))
+                                      vq_settings=rules.vq_fit_settings(config.quant.vq),
+                                      dtype=calib_dtype(config))
   omq = {p: r for p, r in report.items() if "omq_k" in r}
   vq_layers = {p: r for p, r in report.items() if "vq_loss" in r}
   info = dict(kind="calibrated_quant", seconds=time.time() - t0, settings=stages.canonical(settings),
@@ -168,6 +182,8 @@ def exported(config, model_cfg, params, quantize_fn, table, workdir, settings) -
 
 def check_settings(config, mesh) -> plan_lib.StepPlan:
   """Every setting of the job, validated before any work starts; returns the step plan."""
+  check_single_process("quantize", ", then sample its export on the pod (configs/sample.py "
+                                   "--config.params=<workdir>/quantized.npz)")
   plan = sample.check_settings(config.sample, mesh, "--config.sample.")
   if config.sample.cache_pattern:
     raise ValueError("The quantize job calibrates and samples every step in full; set --config.sample."
@@ -177,6 +193,8 @@ def check_settings(config, mesh) -> plan_lib.StepPlan:
     raise ValueError(f"calib needs num_images >= 1, 1 <= omq_images_per_step <= num_images and act_sample_size "
                      f">= 0; got {c.num_images}, {c.omq_images_per_step}, {c.act_sample_size}.")
   parallel.check_batch_divisible(c.num_images, mesh)
+  dit.check_compute_dtype(calib_dtype(config), "--config.calib.compute_dtype")
+  dit.check_compute_dtype(config.distill.get("compute_dtype", "float32"), "--config.distill.compute_dtype")
   if config.distill.trajectories < 0:
     raise ValueError(f"distill.trajectories must be >= 0 (0 = no distillation); got {config.distill.trajectories}.")
   if any(k.cfg == "weak_guide" for k in plan.step_kinds):
@@ -199,11 +217,12 @@ def run(config, workdir: str) -> dict:
   model_cfg, params = sample.load_dit(config.params)
   decoder = sample.prepare_outputs(config.sample, model_cfg)
   spec_lib.check_table(table, dit.layer_paths(model_cfg))  # a mistyped keep_8bit pattern would match nothing
+  sample.check_execution(config.sample, model_cfg, quantized.deployed_table(table))
   s = config.sample
   distiller = None
   if config.distill.trajectories:
     distiller = distill.Distiller(model_cfg, plan, table, distill_config(config), cfg_scale=s.cfg_scale, eta=s.eta,
-                                  clip_x0=s.clip_x0)
+                                  clip_x0=s.clip_x0, cfg_channels=s.get("cfg_channels", 0))
   # What each stage's result depends on (stage caches are reused only under equal settings). The quantizers'
   # gradient rule matters from distillation on; the OMQ search settings only where OMQ runs.
   without = lambda d, drop: {k: v for k, v in d.items() if k not in drop}
@@ -216,14 +235,16 @@ def run(config, workdir: str) -> dict:
                     (("weight", "vq") if config.quant.weight == "scalar" else ())),
       specs=[[pat, {k: without(v, ("grad",)) if isinstance(v, dict) else v for k, v in d.items()
                     if k != "rotate" or v}] for pat, d in spec_lib.table_to_list(table)],
-      calib=without(config.calib.to_dict(), omq_keys),
+      calib=without(config.calib.to_dict(),
+                    omq_keys + (("compute_dtype",) if calib_dtype(config) == "float32" else ())),
       sampler=dict(diffusion_steps=s.diffusion_steps, spacing=s.spacing, cfg_scale=s.cfg_scale, eta=s.eta,
-                   clip_x0=s.clip_x0, **sample.weak_settings(s)))
+                   clip_x0=s.clip_x0, **sample.weak_settings(s),
+                   **({"cfg_channels": s.cfg_channels} if s.get("cfg_channels", 0) else {})))
   pv_keys = () if config.quant.weight == "vq" else distill.PV_KEYS  # wave-1 records have none
   distill_settings = dict(calib_settings, grad=config.quant.grad,
                           distill={k: v for k, v in config.distill.to_dict().items()
                                    if k not in loop.LOOP_KEYS + pv_keys
-                                   and not (k in distill.REMEDY_DEFAULTS and v == distill.REMEDY_DEFAULTS[k])})
+                                   and not (k in distill.UNRECORDED_DEFAULTS and v == distill.UNRECORDED_DEFAULTS[k])})
   export_settings = dict(distill_settings if distiller is not None else calib_settings, method=config.method)
   check_cached_stages(workdir, dict(calibration=calib_settings, export=export_settings,
                                     distillation=distill_settings if distiller is not None else None))

@@ -13,7 +13,7 @@ from diffq.eval import flops
 from diffq.io import diffusers_vae, npz, quantized
 from diffq.jobs import common
 from diffq.models import dit, flexi, vae
-from diffq.seam import caches, spec as spec_lib
+from diffq.seam import caches, matmuls, spec as spec_lib
 
 
 def _setting(config, key: str, default):
@@ -64,10 +64,13 @@ def load_vae(path: str) -> tuple[vae.VAEConfig, dict]:
 
 
 def prepare_outputs(config, model_cfg: dit.DiTConfig) -> tuple[vae.VAEConfig, dict] | None:
-  """Checks the output settings against the model before any work (grid classes; a latent model needs a VAE of
-  its latent channels) and returns the VAE that turns its samples into images (config.vae), or None for a
+  """Checks the output settings against the model before any work (grid classes, guided channels; a latent model
+  needs a VAE of its latent channels) and returns the VAE that turns its samples into images (config.vae), or None for a
   pixel-space model."""
   grid_classes(config, model_cfg)
+  if not 0 <= _setting(config, "cfg_channels", 0) <= model_cfg.in_channels:
+    raise ValueError(f"cfg_channels={config.cfg_channels} must lie in 0..{model_cfg.in_channels} (the model's eps "
+                     "channels; 0 = all).")
   path = _setting(config, "vae", "")
   if not path:
     if model_cfg.in_channels not in (1, 3):
@@ -151,7 +154,7 @@ def load_training_run(workdir: str) -> tuple[dit.DiTConfig, dict, int]:
     raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints yet.")
   state, _ = loop.restore_latest(mngr, set_aside=False)
   logging.info("Loaded EMA params of %s at step %d.", workdir, int(state["step"]))
-  params = jax.device_get(flexi.tie(state["ema"], model_cfg))  # a FlexiDiT run trains the untied params
+  params = parallel.tree_to_host(flexi.tie(state["ema"], model_cfg))  # a FlexiDiT run trains the untied params
   npz.check_shapes(params, dit.variable_shapes(model_cfg)["params"], f"{workdir} (model {model_cfg})")
   return model_cfg, params, int(state["step"])
 
@@ -167,7 +170,8 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, me
     return sampler.sample(dit.model_fn(model), variables, key, labels, ids, plan=plan, shape=shape,
                           method=config.method, eta=config.eta, cfg_scale=config.cfg_scale,
                           null_class=model_cfg.num_classes, clip_x0=config.clip_x0,
-                          state=dit.init_states(model, variables, rows, plan))
+                          state=dit.init_states(model, variables, rows, plan),
+                          cfg_channels=_setting(config, "cfg_channels", 0))
 
   rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
@@ -190,6 +194,8 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
     raise ValueError(f"cfg_scale must be >= 0 (0 = unconditional, 1 = no guidance); got {config.cfg_scale}. "
                      f"Set {prefix}cfg_scale.")
   dit.check_compute_dtype(_setting(config, "compute_dtype", "float32"), f"{prefix}compute_dtype")
+  if _setting(config, "execution", "float") not in EXECUTIONS:
+    raise ValueError(f"Unknown execution {config.execution!r}; set {prefix}execution to one of {EXECUTIONS}.")
   parallel.check_batch_divisible(config.batch_size, mesh)
   weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
               t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
@@ -202,6 +208,44 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
     from diffq.jobs import evaluate
     evaluate.check_settings(config.eval, f"{prefix}eval.data_dir")
   return plan
+
+
+EXECUTIONS = ("float", "integer")  # config.execution: the matmul part quantized layers run with
+
+
+def _integer_specs(model_cfg: dit.DiTConfig, specs) -> tuple[tuple, dict[str, str], int]:
+  """(table with integer matmuls where the parts allow it, {path: why not}, number of integer layers); raises
+  when there is none."""
+  table, kept = spec_lib.with_integer_matmuls(specs, dit.layer_paths(model_cfg))
+  n = sum(isinstance(s.matmul, matmuls.Integer) for _, s in table)
+  if not n:
+    example = f" (e.g. {next(iter(kept.items()))[0]}: {next(iter(kept.values()))})" if kept else ""
+    raise ValueError("execution='integer' found no layer that can run as an integer matmul" + example + ". It "
+                     "runs the per-channel codes of a quantized export whose inputs are quantized by static or "
+                     "dynamic quantizers (the quantize job with act=static or act=dynamic); otherwise set "
+                     "execution='float'.")
+  return table, kept, n
+
+
+def check_execution(config, model_cfg: dit.DiTConfig, specs) -> None:
+  """Raises before any work if config.execution cannot run under `specs` (the table the job will sample)."""
+  if _setting(config, "execution", "float") == "integer":
+    _integer_specs(model_cfg, specs)
+
+
+def execution_specs(config, model_cfg: dit.DiTConfig, specs) -> tuple[tuple, dict]:
+  """(the spec table the sampler runs under config.execution, its record for metrics.json): 'float' keeps
+  `specs`; 'integer' runs every layer whose parts allow it as an int8 matmul with int32 sums
+  (`spec.with_integer_matmuls`: deployed per-channel codes with static or dynamic inputs), the other quantized
+  layers (logged with the reason) keep the float matmul."""
+  mode = _setting(config, "execution", "float")
+  if mode == "float":
+    return tuple(specs), dict(execution=mode)
+  table, kept, n = _integer_specs(model_cfg, specs)
+  for p, why in kept.items():
+    logging.info("Layer %s keeps the float matmul: %s.", p, why)
+  logging.info("Integer execution: %d layers run int8 matmuls, %d quantized layers keep float ones.", n, len(kept))
+  return table, dict(execution=mode, integer_layers=n, float_quantized_layers=len(kept))
 
 
 def check_plan_caches(plan: plan_lib.StepPlan, model_cfg: dit.DiTConfig, specs) -> None:
@@ -248,7 +292,7 @@ def generate(config, plan: plan_lib.StepPlan, model_cfg, variables, mesh, specs=
     x = fn(variables, key, b_lab, b_idp)
     if decoder is not None:
       x = decode(vae_params, x)
-    x = np.asarray(jax.device_get(x))[:n]
+    x = parallel.to_host(x)[:n]  # every process gets the whole batch: all its shards, merged
     if not np.isfinite(x).all():
       raise FloatingPointError(
           f"The sampler returned NaN/inf for {int((~np.isfinite(x)).any(axis=(1, 2, 3)).sum())} of samples "
@@ -286,21 +330,24 @@ def state_bytes_per_image(model_cfg, variables, specs, cfg_scale: float) -> int:
 
 def sample_and_score(config, plan: plan_lib.StepPlan, model_cfg, variables, workdir: str, mesh,
                      specs=(), decoder=None) -> dict:
-  """Draws config.num_samples under `plan`, writes samples.npz + grid.png, and returns sampling (+ evaluation)
-  metrics (`state_bytes_per_image`: the sampler state one image carries)."""
+  """Draws config.num_samples under `plan` (matmuls as config.execution says), writes samples.npz + grid.png, and
+  returns sampling (+ evaluation) metrics (`state_bytes_per_image`: the sampler state one image carries)."""
+  specs, record = execution_specs(config, model_cfg, specs)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   images, labels = generate(config, plan, model_cfg, variables, mesh, specs, decoder)
   seconds = time.time() - t0
-  save_samples(os.path.join(workdir, "samples.npz"), images, labels)
-  viz.save_png(os.path.join(workdir, "grid.png"),
-               viz.class_grid(images, labels, grid_classes(config, model_cfg), config.grid_per_class))
+  if jax.process_index() == 0:  # one samples.npz of every process's samples
+    save_samples(os.path.join(workdir, "samples.npz"), images, labels)
+    viz.save_png(os.path.join(workdir, "grid.png"),
+                 viz.class_grid(images, labels, grid_classes(config, model_cfg), config.grid_per_class))
   result = dict(num_samples=len(images), seconds=seconds, images_per_second=len(images) / seconds,
                 spacing=config.spacing, method=config.method, cfg_scale=config.cfg_scale, seed=config.seed,
                 gmacs_per_image=flops.macs_per_image(model_cfg, plan, config.cfg_scale, specs) / 1e9,
                 params=sum(int(np.prod(x.shape)) for x in  # the model's weights, whatever the export stores
                            jax.tree.leaves(dit.variable_shapes(model_cfg)["params"])),
-                state_bytes_per_image=state_bytes_per_image(model_cfg, variables, specs, config.cfg_scale))
+                state_bytes_per_image=state_bytes_per_image(model_cfg, variables, specs, config.cfg_scale),
+                devices=int(mesh.devices.size), processes=jax.process_count(), **record)
   if config.evaluate:
     from diffq.jobs import evaluate
     result.update(evaluate.score(config.eval, images, labels))

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffq import configlib, data, parallel, plan as plan_lib
+from diffq import configlib, data, imagenet, parallel, plan as plan_lib
 from diffq.diffusion import gaussian
 from diffq.io import npz
 from diffq.models import dit, flexi
@@ -180,18 +180,42 @@ def compile_train_steps(config, model_cfg, mesh, state) -> dict:
   return {p: compile_train_step(config, model_cfg, mesh, state, p, teacher if weight(p) else None) for p in sizes}
 
 
+DATA_KINDS = ("fashion_mnist", "latents")  # config.data.kind
+
+
+def check_data(config, model_cfg: dit.DiTConfig) -> str:
+  """The training data's kind (config.data.kind), checked against the model before any work."""
+  kind = config.data.get("kind", "fashion_mnist")
+  if kind not in DATA_KINDS:
+    raise ValueError(f"Unknown data.kind {kind!r}; choose one of {DATA_KINDS}.")
+  if kind == "fashion_mnist" and (model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes) != (
+      32, 1, data.NUM_CLASSES):
+    raise ValueError("Fashion-MNIST training needs model.input_size 32, in_channels 1 and num_classes 10; got "
+                     f"{model_cfg.input_size}, {model_cfg.in_channels}, {model_cfg.num_classes}.")
+  return kind
+
+
+def training_data(config, model_cfg: dit.DiTConfig, kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """(model inputs (N, H, W, C): Fashion-MNIST images in [-1, 1] float32, or encoded latents float16; labels)."""
+  if kind == "fashion_mnist":
+    return data.load("train", config.data.dir)
+  x, y = imagenet.load_latents(config.data.dir, config.data.get("split", "train"))
+  want = (model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+  if x.shape[1:] != want or y.max() >= model_cfg.num_classes:
+    raise ValueError(f"The latents in {config.data.dir} are {x.shape[1:]} with labels up to {y.max()}; the model "
+                     f"takes {want} inputs and {model_cfg.num_classes} classes.")
+  return x, y
+
+
 def run(config, workdir: str) -> dict:
   model_cfg = configlib.dit_config(config.model)
-  if (model_cfg.input_size, model_cfg.in_channels, model_cfg.num_classes) != (32, 1, data.NUM_CLASSES):
-    raise ValueError("train_dit_fm trains on Fashion-MNIST: model.input_size must be 32, in_channels 1 and "
-                     f"num_classes 10; got {model_cfg.input_size}, {model_cfg.in_channels}, "
-                     f"{model_cfg.num_classes}.")
+  kind = check_data(config, model_cfg)
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_divisible(config.batch_size, mesh)
   loop.check_settings(config)
   dit.check_compute_dtype(config.get("compute_dtype", "float32"), "--config.compute_dtype")
   flexi_probs(config, model_cfg)
-  images, labels = data.load("train", config.data.dir)
+  images, labels = training_data(config, model_cfg, kind)
   writer = common.metric_writer(workdir)
 
   state = jax.device_put(init_state(config, model_cfg), parallel.replicated(mesh))
@@ -205,7 +229,8 @@ def run(config, workdir: str) -> dict:
 
   def batch_at(step):
     idx = data.epoch_batches(len(images), config.batch_size, config.seed, step)
-    return (*parallel.shard_batch((images[idx], labels[idx]), mesh), patch_size_at(config, model_cfg, step))
+    return (*parallel.shard_batch((images[idx].astype(np.float32), labels[idx]), mesh),
+            patch_size_at(config, model_cfg, step))
 
   def step_fn(state, x, y, p):
     state, metrics = steps[p](state, x, y)
@@ -214,10 +239,11 @@ def run(config, workdir: str) -> dict:
   state, final, seconds, _ = loop.run(step_fn, state, batch_at, mngr=mngr, writer=writer,
                                               num_steps=config.num_steps, log_every=config.log_every,
                                               meta=meta, fix="lower --config.lr or set --config.grad_clip")
-  result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds,
+  result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds, devices=int(mesh.devices.size),
+                processes=jax.process_count(),
                 images_per_second=int(state["step"]) * config.batch_size / max(seconds, 1e-9), **final)
-  if config.export_ema:
-    npz.export_npz(os.path.join(workdir, "ema_params.npz"), jax.device_get(flexi.tie(state["ema"], model_cfg)),
+  if config.export_ema and jax.process_index() == 0:
+    npz.export_npz(os.path.join(workdir, "ema_params.npz"), parallel.tree_to_host(flexi.tie(state["ema"], model_cfg)),
                    metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))
   common.write_metrics(workdir, result)
   writer.flush()

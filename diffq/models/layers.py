@@ -3,7 +3,8 @@
     cached step (the cache part reads):   y = cache.read(x)
     otherwise:   y = input((x / s) R) @ weight(Rᵀ ((W + A B) * s[:, None])) [+ x A_p B_p] + b;   cache.write(x, y)
 
-with s the smoothing pre-scale (if `spec.smooth`), R the block-Hadamard rotation (if `spec.rotate`), A B LoRA
+with @ the matmul part's product (float operands, or int8 codes: diffq/seam/matmuls.py), s the smoothing
+pre-scale (if `spec.smooth`), R the block-Hadamard rotation (if `spec.rotate`), A B LoRA
 (if `spec.lora_rank`) and A_p B_p a FlexiDiT adapter, a float LoRA in `params` applied only at its patch size p
 (`adapters`; A_p B_p is not part of an ICC cache's low-rank increment). The parts' variables live
 in their collections (`quant` for quantizers, LoRA, smoothing and ICC factors; `cache` for sampler state), float
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffq import plan
-from diffq.seam import spec as spec_lib
+from diffq.seam import matmuls, spec as spec_lib
 
 
 class Linear(nn.Module):
@@ -41,15 +42,13 @@ class Linear(nn.Module):
     # The parts (smoothing, rotation, fake-quant, their state) run in float32 whatever the compute dtype, so
     # integer grids are the float32 run's; only the matmul operands are cast.
     x_in = s.transform_input(x.astype(jnp.float32), q)
-    w = s.weight.matrix(q, lambda: s.effective_weight(kernel, q))
-    dot = lambda a, b: jnp.dot(a.astype(cd), b.astype(cd), preferred_element_type=jnp.float32)
-    y = dot(s.input(self, x_in, q, ctx), w)
+    y = s.matmul(s, self, x_in, q, ctx, lambda: s.effective_weight(kernel, q), cd)
     for p, rank in self.adapters:  # standard LoRA start: A ~ N(0, 1/in), B = 0 (the adapter adds nothing)
       if self.is_initializing() or ctx.kind.patch_size == p:
         a = self.param(f"lora_a_p{p}", nn.initializers.lecun_normal(), (x.shape[-1], rank), jnp.float32)
         b = self.param(f"lora_b_p{p}", nn.initializers.zeros, (rank, self.features), jnp.float32)
         if ctx.kind.patch_size == p:
-          y = y + dot(dot(x, a), b)
+          y = y + matmuls.dot(matmuls.dot(x, a, cd), b, cd)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
     s.cache.write(self, x, y, ctx.kind, q)

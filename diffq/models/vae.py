@@ -201,8 +201,12 @@ def decode(config: VAEConfig, params, z: jax.Array) -> jax.Array:
   return AutoencoderKL(config).apply({"params": params}, z, method=AutoencoderKL.decode)
 
 
+def init_params(config: VAEConfig, rng: jax.Array) -> dict:
+  """Random params (flax's default initialisers), for pipeline checks without a checkpoint."""
+  f = config.downsample_factor
+  return AutoencoderKL(config).init(rng, jnp.zeros((1, f, f, config.in_channels)))["params"]
+
+
 def variable_shapes(config: VAEConfig) -> dict:
   """The parameter tree's shapes (jax.ShapeDtypeStruct leaves), without computing it."""
-  f = config.downsample_factor
-  x = jnp.zeros((1, f, f, config.in_channels))
-  return jax.eval_shape(lambda: AutoencoderKL(config).init(jax.random.key(0), x))["params"]
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -78,6 +78,10 @@ class Static:
     gscale = 1.0 if self.grad == "ste" else 1.0 / math.sqrt(x.size * (2 ** self.bits - 1))
     return _step_quant(x, q, ctx, self.steps, self.bits, gscale)
 
+  def affine(self, x, q: dict, ctx):
+    """(scale, zero, qmax) the part quantizes x with (scalars): the integer operand of `matmuls.Integer`."""
+    return (*_step_params(q, ctx, self.steps), ops.qmax_of(self.bits))
+
   def calibrate(self, layer) -> dict:
     """Per step: the MSE-searched per-tensor (scale, zero) of x / s, candidates spanning the whole tensor's
     [min, max] and scored on the statistics pass's fixed random entries."""
@@ -106,11 +110,15 @@ def _per_step_ranges(steps, bits) -> dict:
           "a_zero": jnp.stack([z.reshape(()) for _, z in pairs])}
 
 
-def _step_quant(x, q: dict, ctx, steps: int, bits, gscale: float = 1.0):
-  """Q(x) at `bits` (an int or a traced scalar) with the calibrated (scale, zero) of plan index ctx.index
-  (clipped to the `steps` calibrated)."""
+def _step_params(q: dict, ctx, steps: int):
+  """The calibrated (scale, zero) of plan index ctx.index (clipped to the `steps` calibrated)."""
   i = jnp.clip(jnp.asarray(ctx.index, jnp.int32), 0, steps - 1)
-  return ops.fake_quant(x, q["a_scale"][i], q["a_zero"][i], ops.qmax_of(bits), False, gscale)
+  return q["a_scale"][i], q["a_zero"][i]
+
+
+def _step_quant(x, q: dict, ctx, steps: int, bits, gscale: float = 1.0):
+  """Q(x) at `bits` (an int or a traced scalar) with the (scale, zero) of plan index ctx.index."""
+  return ops.fake_quant(x, *_step_params(q, ctx, steps), ops.qmax_of(bits), False, gscale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,18 +145,28 @@ class Dynamic:
   def __call__(self, layer, x, q: dict, ctx):
     return _min_max_quant(x, self.bits, self.granularity)
 
+  def affine(self, x, q: dict, ctx):
+    """(scale, zero, qmax) the part quantizes x with (per tensor or (..., 1) per token): the integer operand of
+    `matmuls.Integer`."""
+    return _min_max_params(x, self.bits, self.granularity)
+
   def deployed(self):
     return self
 
 
-def _min_max_quant(x, bits, granularity: str):
-  """Asymmetric min-max fake-quant of x (..., C): one range per tensor, per leading row ('sample') or per token."""
+def _min_max_params(x, bits, granularity: str):
+  """(scale, zero, qmax) of x (..., C)'s asymmetric min-max range: one per tensor, leading row ('sample') or
+  token, broadcastable against x."""
   axes = {"tensor": tuple(range(x.ndim)), "sample": tuple(range(1, x.ndim)), "token": (x.ndim - 1,)}[granularity]
   qmax = ops.qmax_of(bits)
   lo = jax.lax.stop_gradient(jnp.min(x, axis=axes, keepdims=True))
   hi = jax.lax.stop_gradient(jnp.max(x, axis=axes, keepdims=True))
-  s, z = ranges.asym_params(lo, hi, qmax)
-  return ops.fake_quant(x, s, z, qmax)
+  return (*ranges.asym_params(lo, hi, qmax), qmax)
+
+
+def _min_max_quant(x, bits, granularity: str):
+  """Asymmetric min-max fake-quant of x (..., C) (`_min_max_params`' range)."""
+  return ops.fake_quant(x, *_min_max_params(x, bits, granularity))
 
 
 @dataclasses.dataclass(frozen=True)

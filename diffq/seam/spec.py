@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 
 from diffq.quant import rotation
-from diffq.seam import caches, inputs, weights
+from diffq.seam import caches, inputs, matmuls, weights
 from diffq.seam.variables import Variable
 
 LORA_GROUP = "lora"
@@ -35,6 +35,7 @@ class LayerSpec:
   smooth: bool = False
   rotate: bool = False
   train: bool = False
+  matmul: Any = matmuls.Float()
 
   def __post_init__(self):
     if self.lora_rank < 0:
@@ -42,6 +43,7 @@ class LayerSpec:
     if self.lora_rank and not self.weight.needs_kernel:
       raise ValueError(f"A {self.weight.type!r} weight stores no float kernel, so it cannot carry LoRA; merge LoRA "
                        "into the weight before export (diffq.io.quantized) or set lora_rank=0.")
+    self.matmul.check(self)
 
   @property
   def parts(self) -> tuple:
@@ -105,7 +107,7 @@ class LayerSpec:
   def deployed(self) -> "LayerSpec":
     """The exported form: each part's deployed form, LoRA merged into the weight, nothing trainable."""
     return LayerSpec(self.weight.deployed(), self.input.deployed(), self.cache.deployed(), 0, self.smooth,
-                     self.rotate, False)
+                     self.rotate, False, self.matmul)
 
   def replace(self, **parts) -> "LayerSpec":
     return dataclasses.replace(self, **parts)
@@ -145,13 +147,32 @@ def with_parts(table: SpecTable, layer_paths: Sequence[str], rules: SpecTable, p
   return tuple(out)
 
 
+def with_integer_matmuls(table: SpecTable, layer_paths: Sequence[str]) -> tuple[tuple, dict[str, str]]:
+  """(per-layer table of `layer_paths` under `table` with an integer matmul (`matmuls.Integer`) wherever the
+  parts allow it, {path: why not} of the quantized layers that keep the float matmul)."""
+  out, kept = [], {}
+  for p in layer_paths:
+    spec = resolve(p, table)
+    reason = matmuls.integer_blocker(spec)
+    if reason is None:
+      spec = spec.replace(matmul=matmuls.Integer())
+    elif not (isinstance(spec.weight, weights.Float) and isinstance(spec.input, inputs.Float)):
+      kept[p] = reason
+    out.append((p, spec))
+  return tuple(out), kept
+
+
 def _part_dict(part) -> dict:
   return {"type": part.type, **dataclasses.asdict(part)}
 
 
 def to_dict(spec: LayerSpec) -> dict:
-  return dict(weight=_part_dict(spec.weight), input=_part_dict(spec.input), cache=_part_dict(spec.cache),
-              lora_rank=spec.lora_rank, smooth=spec.smooth, rotate=spec.rotate, train=spec.train)
+  """The dict form; `matmul` only when not float (the form of every export before integer execution)."""
+  d = dict(weight=_part_dict(spec.weight), input=_part_dict(spec.input), cache=_part_dict(spec.cache),
+           lora_rank=spec.lora_rank, smooth=spec.smooth, rotate=spec.rotate, train=spec.train)
+  if not isinstance(spec.matmul, matmuls.Float):
+    d["matmul"] = _part_dict(spec.matmul)
+  return d
 
 
 def _part(types: dict, d: dict, what: str):
@@ -168,7 +189,8 @@ def from_dict(d: dict) -> LayerSpec:
   try:
     parts = dict(weight=_part(weights.TYPES, d.pop("weight"), "weight"),
                  input=_part(inputs.TYPES, d.pop("input"), "input"),
-                 cache=_part(caches.TYPES, d.pop("cache"), "cache"))
+                 cache=_part(caches.TYPES, d.pop("cache"), "cache"),
+                 matmul=_part(matmuls.TYPES, d.pop("matmul", {"type": "float"}), "matmul"))
     return LayerSpec(**parts, **d)
   except (KeyError, TypeError) as e:
     raise ValueError(f"Malformed layer spec {d} ({type(e).__name__}: {e}).") from None

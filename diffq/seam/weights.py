@@ -5,7 +5,8 @@
   `bits` bits or a per-output-channel bit vector (`mixed`, MPQ-DM's OMQ). Variables w_scale/w_zero ((1, out) or
   (in/g, 1, out)), w_bits (1, out) int32 when mixed. Its deployed form is `Codes`.
 - `Codes`: the deployed form: no float kernel; integer codes w_codes (in, out) and the same scales;
-  dequantize(codes) equals `Scalar`'s output bit for bit.
+  dequantize(codes) equals `Scalar`'s output bit for bit. Per output channel, it can run as an integer matmul
+  (`diffq/seam/matmuls.py`).
 - `VQ`: additive vector quantization (diffq/quant/vq.py): each group of `group_size` inputs of an output channel
   is s_o Σ_m C_m[B[o, j, m]]; variables vq_codes (out, in/g, M) int32, vq_codebooks (M, 2^b, g), vq_scales (out,).
   No float kernel; it is its own deployed form. Layers of one `share` group (one per layer type across blocks, or
@@ -158,6 +159,11 @@ class Codes(_Uniform):
   def matrix(self, q: dict, w_eff):
     codes = q["w_codes"]
     return ops.dequantize(self.grouped(codes), q["w_scale"], q["w_zero"]).reshape(codes.shape)
+
+  def affine(self, q: dict):
+    """(codes (in, out) int32, scale (1, out), zero (1, out), qmax (1, out) or a scalar): the integer operand of
+    `matmuls.Integer` (per output channel only; `matmuls.integer_blocker` refuses grouped layouts)."""
+    return q["w_codes"], q["w_scale"], q["w_zero"], self.qmax(q)
 
   def deployed(self):
     return self
