@@ -3,8 +3,7 @@
   python experiments/xl2_sizing.py [--hbm_gib 16] [--batch 256] [--out xl2_sizing.md]
 
 For DiT-XL/2 at 256 (32x32x4 latents) and 512 (64x64x4), and each method's plan as its `:xl2` config samples it
-(FP: DDPM-250 CFG 1.5 and DDIM-20 CFG 3; MPQ-DM W2A4 + rotated MoDiff, ICC, VQ W2A8 on DDIM-20 CFG 3; FlexiDiT at
-{2, 4} on DDPM-250 with the first 130 steps weak), prints:
+(README: "Every method on DiT-XL/2"; the plans, spec tables and CFG scales are read from the configs), prints:
 
 - params and stored weight bytes (nominal: the spec table's bits per weight; OMQ's per-channel bits average to
   the body's w_bits; VQ: M codebooks of 8 bits per 8 inputs, codebooks not counted);
@@ -41,9 +40,10 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import dit_icc, dit_vq, dit_w2a4  # noqa: E402
+from configs import dit_flexi, dit_icc, dit_modiff, dit_vq, dit_w2a4, sample as sample_config  # noqa: E402
 from diffq import plan as plan_lib  # noqa: E402
 from diffq.eval import flops  # noqa: E402
+from diffq.jobs import sample  # noqa: E402
 from diffq.models import dit, vae  # noqa: E402
 from diffq.seam import rules, spec as spec_lib  # noqa: E402
 from experiments import report  # noqa: E402
@@ -54,23 +54,21 @@ LORA_RANK = 32
 
 
 def method_plans(cfg: dit.DiTConfig):
-  """(name, model config, spec table, plan, cfg scale) of every method's XL/2 sampler."""
-  ddim20, ddpm250 = plan_lib.make_plan(1000, "ddim20"), plan_lib.make_plan(1000, "250")
-  w2a4 = dit_w2a4.get_config("xl2")
-  vq = dit_vq.get_config()
-  icc = dit_icc.get_config()
-  icc_table = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(dict(icc.icc.ranks), icc.icc.svd), "cache")
-  flexi_cfg = dit.DiTConfig(**{**cfg.__dict__, "patch_sizes": (4,)})
-  return [
-      ("FP, DDPM-250, CFG 1.5", cfg, (), ddpm250, 1.5),
-      ("FP, DDIM-20, CFG 3", cfg, (), ddim20, 3.0),
-      ("MPQ-DM W2A4 + rotated MoDiff", cfg, rules.quant_table(w2a4.quant, 20), ddim20, 3.0),
-      ("VQ W2A8 (AQLM 2x8, g8)", cfg, rules.quant_table(vq.quant, 20), ddim20, 3.0),
-      (f"ICC r{icc.icc.ranks.qkv}, period 2", cfg, icc_table, plan_lib.make_plan(1000, "ddim20", pattern="period:2"),
-       3.0),
-      ("FlexiDiT {2, 4}, 130 of 250 weak", flexi_cfg, (),
-       plan_lib.make_plan(1000, "250", weak_patch=4, t_weak=130), 1.5),
-  ]
+  """(name, model config, spec table, plan, cfg scale) of every method's XL/2 sampler, from its `:xl2` config."""
+  fp, w2a4, modiff = sample_config.get_config("xl2"), dit_w2a4.get_config("xl2"), dit_modiff.get_config("xl2")
+  vq, icc, flexi = dit_vq.get_config("xl2,pv"), dit_icc.get_config("xl2"), dit_flexi.get_config("xl2")
+  quant = lambda c: rules.quant_table(c.quant, len(sample.make_plan(c.sample).steps))
+  icc_table = spec_lib.with_parts((), dit.layer_paths(cfg), rules.icc_rules(dict(icc.icc.ranks), icc.icc.svd),
+                                  "cache")
+  flexi_cfg = dit.DiTConfig(**{**cfg.__dict__, "patch_sizes": (flexi.weak_patch,)})
+  bits = lambda c: f"W{c.quant.w_bits}A{c.quant.a_bits}"
+  rows = [("FP (sample.py:xl2)", cfg, (), fp),
+          (f"MPQ-DM {bits(w2a4)} + rotated MoDiff", cfg, quant(w2a4), w2a4.sample),
+          (f"MoDiff {bits(modiff)} dynamic", cfg, quant(modiff), modiff.sample),
+          (f"VQ {bits(vq)} (AQLM {vq.quant.vq.num_codebooks}x8, g8)", cfg, quant(vq), vq.sample),
+          (f"ICC r{icc.icc.ranks.qkv}, {icc.sample.cache_pattern}", cfg, icc_table, icc.sample),
+          (f"FlexiDiT {{2, {flexi.weak_patch}}}, {flexi.t_weak} weak", flexi_cfg, (), flexi)]
+  return [(name, c, table, sample.make_plan(s), s.cfg_scale) for name, c, table, s in rows]
 
 
 @functools.lru_cache(maxsize=None)

@@ -177,6 +177,13 @@ def make_sample_fn(model_cfg: dit.DiTConfig, plan: plan_lib.StepPlan, config, me
   return jax.jit(fn, in_shardings=(rep, rep, bat, bat), out_shardings=bat)
 
 
+def make_plan(config) -> plan_lib.StepPlan:
+  """The step plan of a sample config: its timesteps, cache pattern and FlexiDiT weak steps."""
+  weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
+              t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
+  return plan_lib.make_plan(config.diffusion_steps, config.spacing, pattern=config.cache_pattern, **weak)
+
+
 def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan:
   """Validates every sampling (and scoring) setting before any work starts; returns the step plan. `prefix` is
   where these settings live on the command line (the quantize job nests them under sample.)."""
@@ -197,10 +204,8 @@ def check_settings(config, mesh, prefix: str = "--config.") -> plan_lib.StepPlan
   if _setting(config, "execution", "float") not in EXECUTIONS:
     raise ValueError(f"Unknown execution {config.execution!r}; set {prefix}execution to one of {EXECUTIONS}.")
   parallel.check_batch_divisible(config.batch_size, mesh)
-  weak = dict(weak_patch=config.get("weak_patch", 0), t_weak=config.get("t_weak", 0),
-              t_weak_guide=None if config.get("t_weak_guide", -1) < 0 else config.t_weak_guide)
   try:
-    plan = plan_lib.make_plan(config.diffusion_steps, config.spacing, pattern=config.cache_pattern, **weak)
+    plan = make_plan(config)
   except ValueError as e:
     raise ValueError(f"{e} (settings {prefix}t_weak, {prefix}t_weak_guide, {prefix}weak_patch, "
                      f"{prefix}cache_pattern)") from None
