@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from diffq.quant import ops
 from diffq.seam import inputs, weights
 
-INT32_BITS = 31  # |accumulator| < 2^31: K * 2^(a_bits + w_bits) must stay below it
+# |sum| < 2^31: the exact sum is at most K qmax_a qmax_w for zero points in [0, qmax] (calibrated ones are), so
+# K 2^(a_bits + w_bits) must stay below it; int32 sums wrap, so a partial sum past it is harmless.
+INT32_BITS = 31
 
 
 def dot(a, b, dtype) -> jax.Array:
