@@ -65,8 +65,8 @@ def load_vae(path: str) -> tuple[vae.VAEConfig, dict]:
 
 def prepare_outputs(config, model_cfg: dit.DiTConfig) -> tuple[vae.VAEConfig, dict] | None:
   """Checks the output settings against the model before any work (grid classes, guided channels; a latent model
-  needs a VAE of its latent channels) and returns the VAE that turns its samples into images (config.vae), or None for a
-  pixel-space model."""
+  needs a VAE of its latent channels) and returns the VAE that turns its samples into images (config.vae), or
+  None for a pixel-space model."""
   grid_classes(config, model_cfg)
   if not 0 <= _setting(config, "cfg_channels", 0) <= model_cfg.in_channels:
     raise ValueError(f"cfg_channels={config.cfg_channels} must lie in 0..{model_cfg.in_channels} (the model's eps "

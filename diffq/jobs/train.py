@@ -242,9 +242,11 @@ def run(config, workdir: str) -> dict:
   result = dict(steps=int(state["step"]), params=int(n_params), seconds=seconds, devices=int(mesh.devices.size),
                 processes=jax.process_count(),
                 images_per_second=int(state["step"]) * config.batch_size / max(seconds, 1e-9), **final)
-  if config.export_ema and jax.process_index() == 0:
-    npz.export_npz(os.path.join(workdir, "ema_params.npz"), parallel.tree_to_host(flexi.tie(state["ema"], model_cfg)),
-                   metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))
+  if config.export_ema:
+    ema = parallel.tree_to_host(flexi.tie(state["ema"], model_cfg))  # every process: a gather is collective
+    if jax.process_index() == 0:
+      npz.export_npz(os.path.join(workdir, "ema_params.npz"), ema,
+                     metadata=dict(kind="dit_params", model=dict(config.model), steps=int(state["step"])))
   common.write_metrics(workdir, result)
   writer.flush()
   return result
